@@ -1,0 +1,96 @@
+"""Input pipelines: one batch contract for DALI (GPU or CPU), torchvision and a synthetic source.
+
+    loader = build_loader("auto", root, "train", batch_size=256, rank=r, world_size=w,
+                          device=torch.device("cuda", r), dtype=torch.float16, channels_last=True)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for images, labels in loader:   # (B,3,H,W) in [0,1] on device; int64 labels
+            ...
+
+Epochs (see sharding.py): each training epoch is a fresh (seed, epoch) shuffle of the whole
+training set split into world_size disjoint shards of equal length; the last partial *global*
+batch is dropped, so every image is seen at most once per epoch, all but fewer than
+world_size * batch_size images are seen, and every rank runs the same number of steps. Val
+splits the sorted listing into contiguous, unpadded ranges: each image is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .datasets import Listing, list_split, prepare_flat_val
+from .errors import DataError
+from .loader import Augment, BatchFormat
+from .verify import check_dataset, scan
+
+__all__ = ["build_loader", "check_dataset", "DataError", "KINDS", "resolve_kind", "scan",
+           "list_split", "prepare_flat_val", "Listing"]
+
+KINDS = ("auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic")
+# Sizes the synthetic source pretends to have when given no dataset root (ImageNet-1k).
+IMAGENET_SIZES = {"train": 1_281_167, "val": 50_000}
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_kind(kind: str, device: torch.device) -> str:
+    """"auto" -> dali-gpu on a CUDA device, else dali-cpu, else torchvision (no DALI)."""
+    if kind not in KINDS:
+        raise DataError(f"unknown loader {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind == "auto":
+        if not dali_available():
+            return "torchvision"
+        return "dali-gpu" if device.type == "cuda" and torch.cuda.is_available() else "dali-cpu"
+    if kind.startswith("dali") and not dali_available():
+        raise DataError(f"loader {kind!r} needs nvidia-dali; install it or use 'torchvision'")
+    if kind == "dali-gpu" and device.type != "cuda":
+        raise DataError(f"loader 'dali-gpu' decodes on a GPU but the device is {device}; "
+                        "use 'dali-cpu' or a cuda device")
+    return kind
+
+
+def default_threads(world_size: int) -> int:
+    """CPU threads (DALI) or workers (DataLoader) per rank: this host's cores shared by its ranks."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, 8)))
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, local)))
+
+
+def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=256,
+                 min_area=0.08, rank=0, world_size=1, seed=0, device=torch.device("cpu"),
+                 dtype=torch.float32, channels_last=False, num_threads=None, num_classes=None,
+                 class_to_idx=None):
+    """A loader of this rank's batches of ROOT's split; see the module docstring."""
+    device = torch.device(device)
+    kind = resolve_kind(kind, device)
+    if batch_size < 1:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+    augment = Augment(image_size, val_resize, min_area)
+    fmt = BatchFormat(device, dtype, channels_last)
+    common = dict(rank=rank, world_size=world_size, seed=seed, augment=augment, fmt=fmt)
+    if kind == "synthetic":
+        return synthetic_loader(root, split, batch_size, num_classes, class_to_idx, common)
+    listing = check_dataset(root, split, num_classes, class_to_idx)
+    threads = num_threads or default_threads(world_size)
+    if kind == "torchvision":
+        from .folder import FolderLoader
+        return FolderLoader(listing, split, batch_size, num_workers=threads, **common)
+    from .dali import DaliLoader  # DALI is imported only when it is used
+    return DaliLoader(listing, split, batch_size, gpu=kind == "dali-gpu", num_threads=threads,
+                      **common)
+
+
+def synthetic_loader(root, split, batch_size, num_classes, class_to_idx, common):
+    from .synthetic import SyntheticLoader
+    if root is not None and Path(root).exists():
+        listing = check_dataset(root, split, num_classes, class_to_idx)
+        size, classes = len(listing), listing.class_to_idx
+    else:
+        size = IMAGENET_SIZES[split] if split in IMAGENET_SIZES else IMAGENET_SIZES["val"]
+        classes = class_to_idx or {str(i): i for i in range(num_classes or 1000)}
+    return SyntheticLoader(size, classes, split, batch_size, **common)

@@ -1,0 +1,73 @@
+"""The torchvision DataLoader path, for hosts without DALI: the same shard, crops and contract.
+
+Each sample's random crop and flip come from a generator seeded by (loader seed, epoch, rank,
+position in the shard), so the order *and* the augmentation repeat for a seed regardless of
+how many worker processes decode.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from .errors import DataError
+from .loader import Augment, ShardedLoader
+
+
+def load_rgb(path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # CMYK and grayscale JPEGs become RGB, as in DALI
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot decode {path}: {err}. Run `python -m dist_free.data verify "
+                        "ROOT` to list every bad file.") from err
+
+
+def val_transform(augment: Augment):
+    size = augment.image_size
+    return v2.Compose([v2.PILToTensor(), v2.Resize(augment.val_resize, antialias=True),
+                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
+
+
+def train_transform(augment: Augment):
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(augment.image_size, scale=(augment.min_area, 1.0),
+                             ratio=augment.aspect, antialias=True),
+        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)])
+
+
+class ShardDataset(Dataset):
+    def __init__(self, files, labels, transform, seed: int | None):
+        self.files, self.labels, self.transform, self.seed = files, labels, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        image = load_rgb(self.files[i])
+        if self.seed is None:
+            return self.transform(image), self.labels[i]
+        with torch.random.fork_rng(devices=[]):  # torchvision's random ops use the global RNG
+            torch.manual_seed(self.seed + i)
+            return self.transform(image), self.labels[i]
+
+
+class FolderLoader(ShardedLoader):
+    kind = "torchvision"
+
+    def __init__(self, *args, num_workers: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_workers = num_workers
+
+    def batches(self, files, labels):
+        train = self.split == "train"
+        dataset = ShardDataset(files, labels, (train_transform if train else val_transform)(
+            self.augment), self.augment_seed() * 1_000_000 if train else None)
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                            num_workers=self.num_workers, drop_last=False,
+                            pin_memory=self.format.device.type == "cuda",
+                            persistent_workers=False)
+        yield from loader
