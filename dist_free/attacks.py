@@ -1,0 +1,87 @@
+"""Evaluation attacks: L-inf PGD with random restarts, and FGSM.
+
+Attacks run the model in eval mode and differentiate with respect to the input only
+(`torch.autograd.grad`), so they never touch weights, their `.grad`, or BatchNorm running
+statistics; the model's train/eval mode is restored afterwards. Pass an unwrapped model, not a
+DDP wrapper: DDP would wait for a gradient all-reduce that an input-only backward never starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from dist_free import linf
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _logits(model, x, amp_dtype):
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return model(x).float()
+
+
+def _input_grad(model, x, labels, amp_dtype):
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(_logits(model, x, amp_dtype), labels)
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
+        steps: int, step_size: float | None = None, random_start: bool = True,
+        amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One PGD run; returns the adversarial images, in [0, 1] and within eps of `images`."""
+    step_size = step_size if step_size is not None else 2.5 * eps / steps
+    x = images.float()
+    with eval_mode(model):
+        delta = linf.random_start(x, eps) if random_start else torch.zeros_like(x)
+        delta = linf.clamp_pixels(x + delta) - x
+        for _ in range(steps):
+            grad = _input_grad(model, x + delta, labels, amp_dtype)
+            delta = linf.attack_step(x, delta, grad, eps, step_size)
+    return (x + delta).detach()
+
+
+def fgsm(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
+         amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Single signed-gradient step of size eps from the clean image."""
+    return pgd(model, images, labels, eps=eps, steps=1, step_size=eps, random_start=False,
+               amp_dtype=amp_dtype)
+
+
+@torch.no_grad()
+def correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+            amp_dtype: torch.dtype | None = None, topk: int = 1) -> torch.Tensor:
+    """Per-sample bool: is the label among the top-k logits."""
+    with eval_mode(model):
+        logits = _logits(model, images, amp_dtype)
+    top = logits.topk(min(topk, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1)
+
+
+def robust_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                   eps: float, steps: int, step_size: float | None = None, restarts: int = 1,
+                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sample bool: correctly classified after every one of `restarts` PGD runs.
+
+    A sample broken by any restart counts as broken (the worst case over restarts).
+    """
+    if restarts < 1 or steps < 1:
+        raise ValueError(f"restarts and steps must be >= 1, got restarts={restarts}, steps={steps}")
+    survived = correct(model, images, labels, amp_dtype)
+    for _ in range(restarts):
+        x_adv = pgd(model, images, labels, eps=eps, steps=steps, step_size=step_size,
+                    amp_dtype=amp_dtype)
+        survived &= correct(model, x_adv, labels, amp_dtype)
+    return survived

@@ -1,0 +1,106 @@
+"""Free adversarial training: Algorithm 1 of Shafahi et al., "Adversarial Training for Free!" (2019).
+
+Each minibatch is replayed `replays` (the paper's m) times. Every replay runs one forward and one
+backward on x_adv = clamp(x + delta, 0, 1); that single backward yields both the weight gradient
+(one SGD step) and the input gradient (one FGSM step on delta). delta is never reset: it starts at
+zero and carries over from one minibatch to the next (the warm start that makes m small replays
+add up to a strong attack). Run total_epochs / m epochs and the cost equals natural training's.
+
+Example:
+    t = FreeAdversarialTrainer(model, optimizer, eps=4/255, replays=4)
+    for images, labels in loader:          # images in [0, 1]
+        stats = t.train_step(images, labels)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_free import linf
+from dist_free.step_base import LossFn, StepBase, StepStats, batch_stats
+
+
+class FreeAdversarialTrainer(StepBase):
+    name = "free"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, eps: float,
+                 replays: int, step_size: float | None = None, amp_dtype: torch.dtype | None = None,
+                 scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None,
+                 input_shape: tuple[int, int, int, int] | None = None, fused: bool | str = "auto"):
+        """input_shape: (max_batch, C, H, W) allocates the perturbation now; otherwise the first
+        batch's shape is used. fused: "auto" (compiled kernel on CUDA, eager on CPU), True, False."""
+        super().__init__(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, loss_fn=loss_fn)
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0 (pixel units, e.g. 4/255), got {eps}")
+        if isinstance(replays, bool) or not isinstance(replays, int) or replays < 1:
+            raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
+        self.eps = float(eps)
+        self.replays = replays
+        self.step_size = float(eps if step_size is None else step_size)
+        if not self.step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        self.fused = linf.resolve_fused(fused, self.device)
+        self._update = linf.compiled_free_update() if self.fused else linf.free_update
+        self._delta: torch.Tensor | None = None
+        self._x_adv: torch.Tensor | None = None
+        if input_shape is not None:
+            self._allocate(tuple(input_shape))
+
+    @property
+    def perturbation(self) -> torch.Tensor | None:
+        """This rank's buffer, (max_batch, C, H, W), fp32; None until its shape is known."""
+        return self._delta
+
+    def _allocate(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 4:
+            raise ValueError(f"input_shape must be (max_batch, C, H, W), got {shape}")
+        self._delta = torch.zeros(shape, device=self.device, dtype=torch.float32)
+        # The replay input lives in one reused buffer, in the dtype the model consumes.
+        self._x_adv = torch.empty(shape, device=self.device, dtype=self.input_dtype)
+
+    def _check_shape(self, images: torch.Tensor) -> None:
+        if self._delta is None:
+            self._allocate(tuple(images.shape))
+        buf = self._delta.shape
+        if images.shape[1:] != buf[1:] or images.shape[0] > buf[0] or images.shape[0] == 0:
+            raise ValueError(
+                f"batch of shape {tuple(images.shape)} does not fit the perturbation buffer "
+                f"{tuple(buf)}: batches must have the buffer's (C, H, W) and at most {buf[0]} images")
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
+        """Replay one minibatch `replays` times; returns mean loss and accuracy on x_adv."""
+        self.check_first_batch(images, labels)
+        self._check_shape(images)
+        b = images.shape[0]
+        delta, x_adv_buf = self._delta[:b], self._x_adv[:b]
+        with torch.no_grad():
+            x_adv_buf.copy_(linf.perturb(images, delta, self.input_dtype))
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for replay in range(self.replays):
+            # A fresh leaf over the reused storage; autograd hands us its gradient.
+            x_adv = x_adv_buf.detach().requires_grad_(True)
+            logits, loss, found_inf = self.sgd_step(x_adv, labels)
+            last = replay == self.replays - 1
+            with torch.no_grad():
+                self._update(images, delta, x_adv.grad, found_inf, self.eps, self.step_size,
+                             None if last else x_adv_buf)
+                loss_sum += loss.detach()
+                correct += (logits.argmax(1) == labels).sum()
+        return batch_stats(loss_sum, correct, self.replays, b)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "perturbation": self._delta, "eps": self.eps,
+                "replays": self.replays, "step_size": self.step_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        saved = state.get("perturbation")
+        if saved is None:
+            return
+        if self._delta is not None and saved.shape != self._delta.shape:
+            raise ValueError(f"saved perturbation has shape {tuple(saved.shape)}, this trainer's "
+                             f"buffer is {tuple(self._delta.shape)} (batch size or image size changed)")
+        if self._delta is None:
+            self._allocate(tuple(saved.shape))
+        self._delta.copy_(saved)

@@ -1,0 +1,195 @@
+"""FreeAdversarialTrainer against a plain re-statement of the paper's loop, and its error messages."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dist_free.free import FreeAdversarialTrainer
+from dist_free.models import NormalizedModel
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5))
+    return NormalizedModel(net, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def minibatches(sizes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # Values near 0 and 1 make the [0, 1] clamp active, so its gradient mask matters.
+    return [(torch.rand(b, 3, 6, 6, generator=g) ** 3, torch.randint(0, 5, (b,), generator=g))
+            for b in sizes]
+
+
+def reference_free_training(model, optimizer, batches, eps, replays, max_batch):
+    """Algorithm 1, as obviously as it can be written: autograd through clamp(x + delta)."""
+    global_delta = torch.zeros(max_batch, 3, 6, 6)
+    for x, y in batches:
+        b = x.shape[0]
+        for _ in range(replays):
+            delta = global_delta[:b].clone().requires_grad_(True)
+            loss = F.cross_entropy(model(torch.clamp(x + delta, 0, 1)), y)
+            optimizer.zero_grad()
+            loss.backward()
+            global_delta[:b] = torch.clamp(global_delta[:b] + eps * delta.grad.sign(), -eps, eps)
+            optimizer.step()
+    return global_delta
+
+
+def test_matches_plain_restatement_of_the_paper_loop():
+    eps, replays, sizes = 8 / 255, 3, [16, 16, 16, 7]   # several minibatches, smaller last one
+    ref_model = tiny_net()
+    model = copy.deepcopy(ref_model)
+    ref_delta = reference_free_training(ref_model, sgd(ref_model), minibatches(sizes), eps,
+                                        replays, max_batch=16)
+    trainer = FreeAdversarialTrainer(model, sgd(model), eps=eps, replays=replays)
+    for x, y in minibatches(sizes):
+        trainer.train_step(x, y)
+    torch.testing.assert_close(trainer.perturbation, ref_delta, rtol=0, atol=1e-7)
+    for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # The buffer really moved and stayed in the eps-ball (no trivial agreement at zero).
+    assert trainer.perturbation.abs().max() == pytest.approx(eps)
+    assert (trainer.perturbation != 0).float().mean() > 0.5
+
+
+def test_perturbation_starts_at_zero_and_carries_over_between_minibatches():
+    eps = 4 / 255
+    model = tiny_net()
+    t = FreeAdversarialTrainer(model, sgd(model), eps=eps, replays=1, step_size=eps / 2,
+                               input_shape=(8, 3, 6, 6))
+    assert torch.equal(t.perturbation, torch.zeros(8, 3, 6, 6))
+    (x1, y1), (x2, y2) = minibatches([8, 8])
+    t.train_step(x1, y1)
+    assert t.perturbation.abs().max() == pytest.approx(eps / 2)
+    t.train_step(x2, y2)
+    # One half-eps step per minibatch: only a buffer carried over can reach eps.
+    assert t.perturbation.abs().max() == pytest.approx(eps)
+
+
+def test_smaller_last_batch_touches_only_its_rows():
+    model = tiny_net()
+    t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2, input_shape=(8, 3, 6, 6))
+    (x, y), = minibatches([3])
+    t.train_step(x, y)
+    assert t.perturbation[:3].abs().sum() > 0
+    assert torch.equal(t.perturbation[3:], torch.zeros(5, 3, 6, 6))
+
+
+def test_stats_are_lazy_floats():
+    model = tiny_net()
+    t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2)
+    (x, y), = minibatches([8])
+    stats = t.train_step(x, y)
+    assert isinstance(stats.tensors["loss"], torch.Tensor)
+    assert isinstance(stats["loss"], float) and stats["loss"] > 0
+    assert 0.0 <= stats["acc"] <= 1.0 and stats["samples"] == 8
+
+
+def test_state_dict_round_trip_restores_buffer():
+    model = tiny_net()
+    t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2)
+    for x, y in minibatches([8, 8]):
+        t.train_step(x, y)
+    sd = t.state_dict()
+    model2 = tiny_net()
+    t2 = FreeAdversarialTrainer(model2, sgd(model2), eps=4 / 255, replays=2)
+    t2.load_state_dict(sd)
+    assert torch.equal(t2.perturbation, t.perturbation)
+    t3 = FreeAdversarialTrainer(model2, sgd(model2), eps=4 / 255, replays=2, input_shape=(4, 3, 6, 6))
+    with pytest.raises(ValueError, match="batch size or image size changed"):
+        t3.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eps=0.0, replays=4), "eps must be > 0"),
+    (dict(eps=-1 / 255, replays=4), "eps must be > 0"),
+    (dict(eps=4 / 255, replays=0), "replays must be an integer >= 1"),
+    (dict(eps=4 / 255, replays=2.5), "replays must be an integer >= 1"),
+    (dict(eps=4 / 255, replays=4, step_size=0.0), "step_size must be > 0"),
+])
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    model = tiny_net()
+    with pytest.raises(ValueError, match=match):
+        FreeAdversarialTrainer(model, sgd(model), **kwargs)
+
+
+def test_normalised_images_are_refused_with_a_hint():
+    model = tiny_net()
+    t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2)
+    x = (torch.rand(4, 3, 6, 6) - 0.45) / 0.22
+    with pytest.raises(ValueError, match="normalisation belongs inside the model"):
+        t.train_step(x, torch.zeros(4, dtype=torch.long))
+
+
+def test_pixel_range_is_checked_on_the_first_batch_only(monkeypatch):
+    import dist_free.step_base as base
+    calls = []
+    monkeypatch.setattr(base, "check_pixel_range", lambda x: calls.append(1))
+    model = tiny_net()
+    t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2)
+    for x, y in minibatches([4, 4, 4]):
+        t.train_step(x, y)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("shape", [(9, 3, 6, 6), (4, 3, 7, 6), (4, 1, 6, 6)])
+def test_batch_that_does_not_fit_the_buffer_is_refused(shape):
+    model = tiny_net()
+    t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2, input_shape=(8, 3, 6, 6))
+    with pytest.raises(ValueError, match="does not fit the perturbation buffer"):
+        t.train_step(torch.rand(shape), torch.zeros(shape[0], dtype=torch.long))
+
+
+def test_fp16_overflow_moves_neither_weights_nor_perturbation():
+    model = tiny_net()
+    before = copy.deepcopy(model.state_dict())
+    # A loss scale of 2**40 overflows fp16 gradients on the first step: the scaler must skip it.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=1, amp_dtype=torch.float16,
+                               scaler=scaler, input_shape=(8, 3, 6, 6))
+    (x, y), = minibatches([8])
+    t.train_step(x, y)
+    assert torch.equal(t.perturbation, torch.zeros(8, 3, 6, 6))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert scaler.get_scale() < 2.0 ** 40   # the scaler backed off, so training can proceed
+    for _ in range(60):
+        t.train_step(x, y)
+    assert t.perturbation.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_replays_feed_the_model_in_the_activation_dtype(dtype):
+    model = tiny_net()
+    seen = []
+    model.normalize.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2, amp_dtype=dtype)
+    (x, y), = minibatches([8])
+    t.train_step(x, y)
+    assert t.perturbation.dtype == torch.float32
+    assert t.perturbation.abs().max() == pytest.approx(4 / 255)
+    assert seen == [dtype, dtype]
+
+
+def test_fused_trainer_equals_eager_trainer():
+    """The compiled (GPU-style) path and the eager (CPU) path, through the whole trainer."""
+    results = []
+    for fused in (False, True):
+        model = tiny_net()
+        t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=3, fused=fused)
+        for x, y in minibatches([8, 8, 5]):
+            t.train_step(x, y)
+        results.append((t.perturbation, model.state_dict()))
+    (d0, s0), (d1, s1) = results
+    assert torch.equal(d0, d1)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
