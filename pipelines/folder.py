@@ -7,6 +7,8 @@ how many worker processes decode.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -25,10 +27,38 @@ def load_rgb(path) -> Image.Image:
                         "ROOT` to list every bad file.") from err
 
 
+class ResizeShorter(torch.nn.Module):
+    """Shorter side to ``size``, the longer side *rounded* as DALI's ``resize_shorter`` does
+    (torchvision's Resize(int) truncates, which shifts the centre crop by a pixel)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        scale = self.size / min(h, w)
+        target = [self.size, round(w * scale)] if h <= w else [round(h * scale), self.size]
+        return v2.functional.resize(image, target, antialias=True)
+
+
+class CentreCrop(torch.nn.Module):
+    """Centre crop with DALI's anchor, half a pixel rounded up (torchvision rounds half to even)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        top, left = (math.floor((n - self.size) / 2 + 0.5) for n in (h, w))
+        return image[..., top:top + self.size, left:left + self.size]
+
+
 def val_transform(augment: Augment):
     size = augment.image_size
-    return v2.Compose([v2.PILToTensor(), v2.Resize(augment.val_resize, antialias=True),
-                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
+    return v2.Compose([v2.PILToTensor(), ResizeShorter(augment.val_resize),
+                       CentreCrop(size), v2.ToDtype(torch.float32, scale=True)])
 
 
 def train_transform(augment: Augment):
