@@ -78,6 +78,8 @@ def empty_class_folders(root: Path, split: str) -> list[Problem]:
 def scan(root: str | Path, splits=SPLITS, workers: int | None = None) -> list[Problem]:
     """Every problem in ROOT's splits (those present), files decoded in parallel processes."""
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist or is not a directory")
     present = [s for s in splits if (root / s).is_dir() or file_list_path(root, s).is_file()]
     if not present:
         raise DataError(f"{root} has none of the splits {', '.join(splits)}")

@@ -1,0 +1,200 @@
+"""Specification of the input pipelines: shards, epochs, labels, formats and fail-fast checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_data import collect, decode_batch, write_coded_split, write_textured
+from pipelines import DataError, build_loader, check_dataset, list_split, resolve_kind
+from pipelines.sharding import train_shard, val_shard
+
+TRAIN_COUNTS = [13, 11, 9]  # 33 images: divides evenly by no global batch used below
+VAL_COUNTS = [5, 4, 4]  # 13 images
+BATCH = 4
+LOADERS = ["dali-cpu", "torchvision"]
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coded")
+    train = write_coded_split(root, "train", TRAIN_COUNTS)
+    val = write_coded_split(root, "val", VAL_COUNTS)
+    return root, train, val
+
+
+def loader(kind, root, split, **kwargs):
+    options = dict(batch_size=BATCH, image_size=16, val_resize=18, min_area=0.3, num_threads=1)
+    return build_loader(kind, root, split, **{**options, **kwargs})
+
+
+def rank_epochs(kind, root, split, world_size, epoch=0, seed=0):
+    """[(loader, ids, pixel labels, labels)] for every rank of a world."""
+    runs = []
+    for rank in range(world_size):
+        ranked = loader(kind, root, split, rank=rank, world_size=world_size, seed=seed)
+        ranked.set_epoch(epoch)
+        runs.append((ranked, *collect(ranked)))
+    return runs
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_train_shards_are_disjoint_equal_and_drop_only_the_last_global_batch(coded, kind,
+                                                                             world_size):
+    root, train, _ = coded
+    runs = rank_epochs(kind, root, "train", world_size, epoch=1)
+    steps = len(train) // (world_size * BATCH)
+    seen = [i for _, ids, _, _ in runs for i in ids]
+    assert len(seen) == len(set(seen)) == steps * world_size * BATCH
+    assert len(train) - len(seen) < world_size * BATCH
+    for ranked, ids, pixel_labels, labels in runs:
+        assert len(ranked) == steps and ranked.num_samples == steps * BATCH == len(ids)
+        assert labels == pixel_labels == [train[i][1] for i in ids]  # label matches its folder
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_val_counts_every_image_exactly_once(coded, kind, world_size):
+    root, _, val = coded
+    runs = rank_epochs(kind, root, "val", world_size)
+    seen = sorted(i for _, ids, _, _ in runs for i in ids)
+    assert seen == sorted(val)
+    assert sum(ranked.num_samples for ranked, *_ in runs) == len(val)
+    for ranked, ids, pixel_labels, labels in runs:
+        assert labels == pixel_labels == [val[i][1] for i in ids]
+        assert len(ranked) == -(-ranked.num_samples // BATCH)
+
+
+def test_every_image_is_trained_on_across_a_few_epochs(coded):
+    root, train, _ = coded
+    seen = set()
+    for epoch in range(8):  # 9 of 33 images sit out each epoch, a different 9 each time
+        seen |= {i for _, ids, _, _ in rank_epochs("dali-cpu", root, "train", 3, epoch) for i in ids}
+    assert seen == set(train)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_seed_and_epoch_make_order_and_augmentation_repeatable(coded, kind):
+    root = coded[0]
+
+    def epoch_batches(seed, epoch):
+        run = loader(kind, root, "train", seed=seed, min_area=0.08)
+        run.set_epoch(epoch)
+        return [images for images, _ in run]
+
+    def order(batches):
+        return [i for images in batches for i in decode_batch(images)[0]]
+
+    first, again = epoch_batches(3, 2), epoch_batches(3, 2)
+    assert len(first) == len(again) and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert order(first) != order(epoch_batches(3, 3))
+    assert order(first) != order(epoch_batches(4, 2))
+
+
+@pytest.mark.parametrize("kind", LOADERS + ["synthetic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batches_have_the_shape_dtype_layout_and_range_asked(coded, kind, dtype, channels_last):
+    run = loader(kind, coded[0], "train", dtype=dtype, channels_last=channels_last, image_size=12)
+    images, labels = next(iter(run))
+    assert images.shape == (BATCH, 3, 12, 12) and images.dtype == dtype
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert images.is_contiguous(memory_format=layout)
+    assert images.min() >= 0 and images.max() <= 1
+    assert labels.dtype == torch.int64 and labels.shape == (BATCH,)
+    assert run.kind == kind
+
+
+def test_train_crops_vary_in_scale_and_flip(tmp_path):
+    write_textured(tmp_path / "train" / "a" / "x.JPEG", 40, 40, seed=0)
+    run = build_loader("dali-cpu", tmp_path, "train", batch_size=1, image_size=16, num_threads=1)
+    crops = []
+    for epoch in range(6):
+        run.set_epoch(epoch)
+        crops += [images[0] for images, _ in run]
+    assert len({round(float(c.mean()), 4) for c in crops}) > 1
+
+
+def test_dali_cpu_and_torchvision_agree_on_the_val_pipeline(tmp_path):
+    sizes = [(61, 45), (45, 70), (50, 50), (77, 39), (36, 80)]  # odd margins test rounding
+    for i, (w, h) in enumerate(sizes):
+        write_textured(tmp_path / "val" / f"c{i % 2}" / f"{i}.JPEG", w, h, seed=i)
+    dali = loader("dali-cpu", tmp_path, "val", batch_size=8, image_size=32, val_resize=36)
+    vision = loader("torchvision", tmp_path, "val", batch_size=8, image_size=32, val_resize=36)
+    (a, ya), (b, yb) = next(iter(dali)), next(iter(vision))
+    assert torch.equal(ya, yb) and a.shape == b.shape == (len(sizes), 3, 32, 32)
+    per_image = (a - b).abs().flatten(1)
+    assert per_image.mean(1).max() < 0.01  # JPEG decoders and resamplers differ by ~1/255
+    assert per_image.max() < 0.05
+
+
+def test_sharding_rule_for_many_sizes():
+    for n in range(8, 60, 7):
+        for world_size in (1, 2, 3, 4):
+            if n < world_size * 2:
+                continue
+            shards = [train_shard(n, 2, r, world_size, seed=1, epoch=5) for r in range(world_size)]
+            flat = [i for s in shards for i in s]
+            assert len(set(map(len, shards))) == 1 and len(flat) == len(set(flat))
+            assert 0 <= n - len(flat) < world_size * 2
+            vals = [val_shard(n, r, world_size) for r in range(world_size)]
+            assert sorted(i for v in vals for i in v) == list(range(n))
+
+
+def test_a_training_set_smaller_than_one_global_batch_is_refused(coded):
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        loader("dali-cpu", coded[0], "train", batch_size=16, world_size=3)
+
+
+def test_class_map_is_sorted_folder_names_shared_by_train_and_val(tmp_path):
+    write_coded_split(tmp_path, "train", [2, 2, 2], classes=["n02", "n10", "n01"])
+    write_coded_split(tmp_path, "val", [1, 1, 1], classes=["n02", "n10", "n01"])
+    expected = {"n01": 0, "n02": 1, "n10": 2}
+    assert list_split(tmp_path, "train").class_to_idx == expected
+    assert loader("torchvision", tmp_path, "val").class_to_idx == expected
+
+
+def test_startup_checks_fail_fast_with_clear_messages(coded, tmp_path):
+    root = coded[0]
+    with pytest.raises(DataError, match="does not exist"):
+        check_dataset(tmp_path / "nowhere", "train")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        check_dataset(tmp_path, "train")
+    with pytest.raises(DataError, match="3 classes but the model has 1000"):
+        loader("dali-cpu", root, "train", num_classes=1000)
+    with pytest.raises(DataError, match="differs from the checkpoint"):
+        loader("dali-cpu", root, "train", class_to_idx={"class0": 0, "class1": 2, "class2": 1})
+    assert loader("dali-cpu", root, "train", num_classes=3,
+                  class_to_idx={"class0": 0, "class1": 1, "class2": 2}).num_samples > 0
+
+
+def test_loader_kind_is_resolved_and_checked():
+    assert resolve_kind("auto", torch.device("cpu")) == "dali-cpu"
+    with pytest.raises(DataError, match="decodes on a GPU"):
+        resolve_kind("dali-gpu", torch.device("cpu"))
+    with pytest.raises(DataError, match="unknown loader"):
+        resolve_kind("dali", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_corrupt_file_mid_epoch_is_named(tmp_path, kind):
+    files = write_coded_split(tmp_path, "val", [6, 6])
+    bad = files[9][0]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated: header only
+    run = loader(kind, tmp_path, "val", batch_size=2)
+    with pytest.raises(DataError, match=bad.name) as raised:
+        collect(run)
+    assert "dist_free.data verify" in str(raised.value)
+
+
+def test_synthetic_source_has_the_real_epoch_length_and_no_dataset_needed(coded):
+    real = loader("dali-cpu", coded[0], "train", world_size=2)
+    fake = loader("synthetic", coded[0], "train", world_size=2)
+    assert len(fake) == len(real) and fake.num_samples == real.num_samples
+    assert fake.class_to_idx == real.class_to_idx
+    imagenet = build_loader("synthetic", None, "val", batch_size=1000, num_classes=1000,
+                            world_size=3, rank=0)
+    assert imagenet.num_samples == 50_000 // 3 and len(imagenet) == 17
+    assert sum(len(y) for _, y in imagenet) == imagenet.num_samples
