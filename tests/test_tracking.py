@@ -1,0 +1,205 @@
+"""dist_free.tracking against MLflow's embedded store (SQLite in a temp dir): what the trainer
+logs is what MLflow's own client reads back, and an unreachable server never costs training."""
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from dist_free.tracking import (NullTracker, Tracker, build_tracker, environment_tags, flatten,
+                                main)
+from dist_free.tracking_unsent import UNSENT_FILE
+
+CONFIG = {"model": {"arch": "resnet50", "eps": 4 / 255},
+          "train": {"replays": 4, "lr": {"peak": 0.1, "milestones": [30, 60]}},
+          "notes": "x" * 7000}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store per module: creating its tables takes seconds."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts")
+
+
+def make_tracker(store, run_dir, experiment, **kw) -> Tracker:
+    uri, artifacts = store
+    kw.setdefault("system_metrics", False)
+    return build_tracker(enabled=True, uri=uri, experiment=experiment, run_name="test",
+                         run_dir=run_dir, rank=0, artifact_location=artifacts, **kw)
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(),
+                               torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+
+
+def steps_of(client, run_id, key) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flatten_joins_nested_keys_with_dots():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "f"}) == {
+        "a.b": 1, "a.c.d": [1, 2], "e": "f"}
+
+
+def test_other_ranks_and_disabled_tracking_get_a_null_tracker(tmp_path, store):
+    uri = f"sqlite:///{tmp_path / 'never.db'}"
+    for rank, enabled in ((1, True), (0, False)):
+        tracker = build_tracker(enabled=enabled, uri=uri, experiment="e", run_name="r",
+                                run_dir=tmp_path, rank=rank)
+        assert type(tracker) is NullTracker and tracker.run_id is None
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        tracker.close()
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_environment_tags_name_commit_versions_devices_and_command():
+    tags = environment_tags(world_size=4)
+    assert tags["world_size"] == "4"
+    assert tags["version.torch"] == torch.__version__
+    for key in ("mlflow.source.git.commit", "version.cuda", "version.dali", "devices"):
+        assert tags[key]
+    assert "pytest" in tags["launch.command"]  # the command that started this process
+
+
+def test_run_holds_params_metrics_artifacts_and_a_loadable_model(tmp_path, store):
+    (tmp_path / "config.yaml").write_text("model:\n  arch: resnet50\n")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "best.pt").write_bytes(b"weights")
+    model = tiny_model().eval()
+    tracker = make_tracker(store, tmp_path, "full")
+    assert tracker.run_id is not None  # known before the first checkpoint
+    tracker.log_params(flatten(CONFIG))
+    tracker.set_tags(environment_tags(world_size=1))
+    for step in range(25):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+    tracker.log_artifact(tmp_path / "config.yaml")
+    tracker.log_artifact(tmp_path / "ckpt" / "best.pt", artifact_path="checkpoints")
+    tracker.log_model(model)
+    tracker.close()
+
+    client = MlflowClient(store[0])
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.arch"] == "resnet50"
+    assert run.data.params["train.lr.milestones"] == "[30, 60]"
+    assert len(run.data.params["notes"]) <= 6000  # MLflow's limit; longer would fail the batch
+    assert run.data.tags["world_size"] == "1"
+    assert steps_of(client, tracker.run_id, "train/loss") == list(range(25))
+    assert client.get_metric_history(tracker.run_id, "train/loss")[3].value == pytest.approx(0.25)
+    top = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert {"config.yaml", "checkpoints"} <= top
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "checkpoints")] == [
+        "checkpoints/best.pt"]
+    mlflow.set_tracking_uri(store[0])
+    loaded = mlflow.pytorch.load_model(run.data.tags["model_uri.model"])
+    x = torch.rand(5, 3, 2, 2)
+    assert torch.allclose(loaded(x), model(x))
+    assert [o.model_id for o in run.outputs.model_outputs] == [
+        run.data.tags["model_uri.model"].split("/")[-1]]
+
+
+def test_resumed_run_continues_the_same_run_without_duplicate_steps(tmp_path, store):
+    first = make_tracker(store, tmp_path, "resume")
+    first.log_params({"epochs": 2, "lr": 0.1})
+    for step in range(5):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.close()
+
+    second = make_tracker(store, tmp_path, "resume", run_id=first.run_id)
+    assert second.run_id == first.run_id
+    second.log_params({"epochs": 4, "lr": 0.1})  # more epochs on resume: must not fail the run
+    for step in range(5, 10):
+        second.log_metrics({"loss": float(step)}, step=step)
+    second.close()
+
+    client = MlflowClient(store[0])
+    run = client.get_run(first.run_id)
+    assert steps_of(client, first.run_id, "loss") == list(range(10))
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2"
+    assert run.data.tags["param_changed_on_resume.epochs"] == "4"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_artifact_is_uploaded_as_it_was_when_logged(tmp_path, store):
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"epoch 1")
+    tracker = make_tracker(store, tmp_path, "frozen")
+    tracker.log_artifact(last)
+    replacement = tmp_path / "last.pt.tmp"
+    replacement.write_bytes(b"epoch 2")
+    os.replace(replacement, last)  # how checkpoints are saved: write, then rename
+    tracker.close()
+    local = MlflowClient(store[0]).download_artifacts(tracker.run_id, "last.pt", str(tmp_path))
+    assert Path(local).read_bytes() == b"epoch 1"
+    assert not any((tmp_path / ".mlflow_staging").rglob("*.pt"))  # links removed once sent
+
+
+def test_system_metrics_come_from_mlflows_collectors(tmp_path, store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    tracker = make_tracker(store, tmp_path, "system", system_metrics=True)
+    client = MlflowClient(store[0])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        keys = client.get_run(tracker.run_id).data.metrics
+        if "system/cpu_utilization_percentage" in keys:
+            break
+        time.sleep(0.2)
+    tracker.close()
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    assert "system/system_memory_usage_megabytes" in metrics
+
+
+def test_unreachable_server_never_blocks_and_unsent_items_replay(tmp_path, store, caplog):
+    uri = f"http://127.0.0.1:{unused_port()}"
+    started = time.monotonic()
+    tracker = build_tracker(enabled=True, uri=uri, experiment="offline", run_name="offline",
+                            run_dir=tmp_path, rank=0, system_metrics=False,
+                            artifact_location=store[1])
+    assert time.monotonic() - started < 5 and tracker.run_id is None
+    model = tiny_model().eval()
+    tracker.log_params({"lr": 0.1})
+    for step in range(50):
+        t0 = time.perf_counter()
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 50}, step=step)
+        assert time.perf_counter() - t0 < 0.05
+    tracker.log_model(model)
+    with caplog.at_level(logging.WARNING, logger="dist_free.tracking"):
+        tracker.close(timeout=2)
+    unsent = tmp_path / UNSENT_FILE
+    assert unsent.is_file()
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert str(unsent) in warning and f"python -m dist_free.tracking replay {tmp_path}" in warning
+
+    assert main(["replay", str(tmp_path), "--uri", store[0]]) == 0
+    assert not unsent.exists()
+    client = MlflowClient(store[0])
+    (run,) = client.search_runs([client.get_experiment_by_name("offline").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
+    assert steps_of(client, run.info.run_id, "loss") == list(range(50))
+    mlflow.set_tracking_uri(store[0])
+    loaded = mlflow.pytorch.load_model(run.data.tags["model_uri.model"])
+    x = torch.rand(4, 12)
+    assert torch.allclose(loaded(x), model(x))
+
+
+def test_replay_without_an_unsent_file_names_the_folder(tmp_path, capsys):
+    assert main(["replay", str(tmp_path)]) == 2
+    assert f"no {UNSENT_FILE} in {tmp_path}" in capsys.readouterr().err
