@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Test modules import shared helpers from each other (e.g. `from test_free import tiny_net`).
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    """A small CNN trained naturally on scikit-learn's digits: ~98% clean accuracy, not robust."""
+    from sklearn.datasets import load_digits
+    from dist_free.models import NormalizedModel, small_cnn
+    d = load_digits()
+    x = torch.tensor(d.images[:600], dtype=torch.float32).div(16).unsqueeze(1).repeat(1, 3, 1, 1)
+    y = torch.tensor(d.target[:600])
+    torch.manual_seed(0)
+    model = NormalizedModel(small_cnn(10, 16), (0.5,) * 3, (0.5,) * 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(15):
+        for i in range(0, 500, 50):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i:i + 50]), y[i:i + 50]).backward()
+            opt.step()
+    return model.eval(), x[500:], y[500:]

@@ -1,0 +1,71 @@
+"""Evaluation attacks: correct geometry, restarts counted per sample, the model left untouched."""
+
+import copy
+
+import pytest
+import torch
+
+from dist_free import attacks
+
+
+@pytest.fixture
+def trained(digits_model):
+    model, x, y = digits_model
+    return copy.deepcopy(model), x, y
+
+
+def test_pgd_stays_in_the_eps_ball_and_the_image_box(trained):
+    model, x, y = trained
+    x_adv = attacks.pgd(model, x, y, eps=8 / 255, steps=5)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_pgd_hurts_more_than_random_noise_and_more_steps_hurt_more(trained):
+    model, x, y = trained
+    eps = 0.15
+    clean = attacks.correct(model, x, y).float().mean()
+    noise = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    noisy = attacks.correct(model, noise, y).float().mean()
+    fgsm = attacks.correct(model, attacks.fgsm(model, x, y, eps=eps), y).float().mean()
+    pgd = attacks.robust_correct(model, x, y, eps=eps, steps=10).float().mean()
+    assert clean > 0.85 and noisy > 0.75
+    assert pgd <= fgsm < clean and pgd < 0.5 * noisy
+
+
+def test_attacks_change_no_weight_no_grad_no_batchnorm_statistic_and_keep_the_mode(trained):
+    model, x, y = trained
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    for p in model.parameters():
+        p.grad = None
+    attacks.robust_correct(model, x, y, eps=8 / 255, steps=3, restarts=2)
+    attacks.fgsm(model, x, y, eps=8 / 255)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_sample_is_robust_only_if_it_survives_every_restart(trained, monkeypatch):
+    model, x, y = trained
+    runs = iter([x, (1 - x)])      # restart 1: harmless; restart 2: a different image
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: next(runs))
+    survived = attacks.robust_correct(model, x, y, eps=1.0, steps=1, restarts=2)
+    expected = (attacks.correct(model, x, y) & attacks.correct(model, 1 - x, y))
+    assert torch.equal(survived, expected)
+    assert survived.sum() < attacks.correct(model, x, y).sum()
+
+
+def test_top5_counts_a_label_anywhere_in_the_top_five(trained):
+    model, x, y = trained
+    logits = model.eval()(x)
+    fifth = logits.topk(5, dim=1).indices[:, 4]
+    assert attacks.correct(model, x, fifth, topk=5).all()
+    assert not attacks.correct(model, x, fifth, topk=1).any()
+
+
+def test_bad_restarts_are_refused(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="restarts"):
+        attacks.robust_correct(model, x, y, eps=0.1, steps=1, restarts=0)
