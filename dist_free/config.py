@@ -1,0 +1,289 @@
+"""Configuration as data: nested dataclasses, YAML presets (safe_load) and `key.sub=value` overrides.
+
+`load_config(path, overrides)` returns one validated, frozen `Config`. Every mistake (unknown key,
+wrong type, impossible value) raises `ConfigError` naming the key, before any process-group work.
+
+Units: eps and step sizes are pixel units in [0, 1] and may be written as fractions ("4/255").
+Epoch counts (optim.epochs, milestones, warm-up) are natural-training epochs: the trainer divides
+them by method.replays for free training, as the paper does, so total compute matches natural.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet50"
+    num_classes: int = 1000
+    channels_last: bool = True       # NHWC: faster convolutions under autocast on GPUs
+    sync_bn: bool = False            # BatchNorm statistics over all ranks (small per-rank batches)
+    compile: bool = False            # torch.compile the model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None          # dataset root with train/ and val/
+    loader: str = "auto"             # auto | dali-gpu | dali-cpu | torchvision | synthetic
+    batch_size: int = 256            # per rank
+    val_batch_size: int | None = None  # per rank; default batch_size
+    image_size: int = 224            # train crop and val crop, pixels
+    val_resize: int = 256            # val: shorter side resized to this, then centre crop
+    min_area: float = 0.08           # random-resized-crop area range [min_area, 1]
+    threads: int | None = None       # decode threads / DataLoader workers per rank
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "free"               # free | natural | pgd | fast
+    eps: float = 4 / 255             # L-inf radius, pixel units
+    replays: int = 4                 # free: the paper's m
+    step_size: float | None = None   # free: eps; pgd: 2.5 eps / steps; fast: 1.25 eps
+    steps: int = 7                   # pgd: attack steps per SGD step
+    fused: str = "auto"              # free: fused perturbation kernel (auto = on CUDA)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1                  # for the global batch below; scaled linearly with it
+    lr_batch: int = 256              # the global batch `lr` was tuned for
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    epochs: int = 90                 # natural-training epochs; free runs ceil(epochs / replays)
+    schedule: str = "step"           # step | cosine
+    milestones: tuple[int, ...] = (30, 60)   # step schedule, natural-training epochs
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0       # linear warm-up, natural-training epochs
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1                   # evaluate every N (real) epochs, and always at the end
+    eps: float | None = None         # default method.eps
+    steps: int = 10                  # PGD steps
+    step_size: float | None = None   # default 2.5 eps / steps
+    restarts: int = 1
+    max_batches: int | None = None   # cap per rank, for quick looks; None = the whole val set
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs"                # runs root; this run writes to <dir>/<name>
+    name: str = "free"
+    seed: int = 0                    # rank r uses seed + r for its own randomness
+    device: str = "auto"             # auto | cpu | cuda
+    amp: str = "auto"                # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | off
+    log_every: int = 20              # steps between metric reads (each read is one device sync)
+    checkpoint_every: int = 1        # epochs
+    progress: str = "auto"           # auto (bar on a terminal) | bar | log
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None           # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "dist-free"
+    system_metrics: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def epochs(self) -> int:
+        """Real epochs to run: natural-training epochs divided by the replays (free only)."""
+        return math.ceil(self.optim.epochs / self.replays)
+
+    @property
+    def replays(self) -> int:
+        return self.method.replays if self.method.name == "free" else 1
+
+    @property
+    def eval_eps(self) -> float:
+        return self.eval.eps if self.eval.eps is not None else self.method.eps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.loader": ("auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic"),
+    "method.name": ("free", "natural", "pgd", "fast"),
+    "method.fused": ("auto", "true", "false"),
+    "optim.schedule": ("step", "cosine"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.amp": ("auto", "bf16", "fp16", "off"),
+    "run.progress": ("auto", "bar", "log"),
+}
+POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.val_resize",
+            "method.eps", "method.replays", "method.step_size", "method.steps", "optim.lr",
+            "optim.lr_batch", "optim.epochs", "model.num_classes", "eval.every", "eval.eps",
+            "eval.steps", "eval.step_size", "eval.restarts", "eval.max_batches", "run.log_every",
+            "run.checkpoint_every", "data.threads"}
+NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
+                "optim.label_smoothing", "optim.gamma", "run.seed"}
+
+
+def _parse_number(key: str, value, kind: type):
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = Fraction(value.strip())          # "4/255", "0.1", "1e-4"
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer() or \
+                isinstance(value, Fraction) and value.denominator != 1:
+            raise ConfigError(f"{key}: expected a whole number, got {value}")
+        return int(value)
+    return float(value)
+
+
+def _parse_bool(key: str, value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _coerce(key: str, value, hint):
+    """Turn a YAML or command-line value into the field's declared type, or say why not."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if hint is bool:
+        return _parse_bool(key, value)
+    if hint in (int, float):
+        return _parse_number(key, value, hint)
+    if hint is str:
+        if isinstance(value, bool):     # YAML reads `fused: true` as a bool
+            value = str(value).lower()
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(key, v, args[0]) for v in value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(names)}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(f"{prefix}{name}", value, hint)
+    return cls(**values)
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    dotted, raw = item.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    # Values stay strings here; _coerce converts them to the field's type and names the key.
+    node[leaf] = raw
+
+
+def _validate(cfg: Config) -> Config:
+    flat = flatten(cfg.to_dict())
+    for key, choices in CHOICES.items():
+        if str(flat[key]).lower() not in choices:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {list(choices)}")
+    for key in POSITIVE:
+        if flat[key] is not None and not flat[key] > 0:
+            raise ConfigError(f"{key} must be > 0, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
+    if cfg.method.eps > 1:
+        raise ConfigError(f"method.eps is in pixel units of [0, 1] (e.g. 4/255), got {cfg.method.eps}")
+    if cfg.data.image_size > cfg.data.val_resize:
+        raise ConfigError(f"data.image_size ({cfg.data.image_size}) must not exceed "
+                          f"data.val_resize ({cfg.data.val_resize}): val crops from the resized image")
+    if not 0 < cfg.data.min_area <= 1:
+        raise ConfigError(f"data.min_area must be in (0, 1], got {cfg.data.min_area}")
+    if cfg.optim.label_smoothing >= 1:
+        raise ConfigError(f"optim.label_smoothing must be < 1, got {cfg.optim.label_smoothing}")
+    if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
+        raise ConfigError(f"optim.milestones must be increasing, got {list(cfg.optim.milestones)}")
+    return cfg
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        _apply_override(tree, item)
+    return _validate(_build(Config, tree))
+
+
+def to_yaml(cfg: Config) -> str:
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+    tree = {s: {k: plain(v) for k, v in sec.items()} for s, sec in cfg.to_dict().items()}
+    return yaml.safe_dump(tree, sort_keys=False)
