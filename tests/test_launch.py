@@ -284,6 +284,16 @@ def test_pytorchjob_runs_the_trainer_on_mounted_data(pytorchjob):
     assert volumes[mounts["/data"]["name"]]["persistentVolumeClaim"]["readOnly"] is True
 
 
+def test_pytorchjob_args_load_into_a_config_on_the_mounted_paths(pytorchjob):
+    from dist_free.config import load_config
+
+    _, container = worker_container(pytorchjob)
+    args = trainer_args(container["command"] + container["args"])
+    cfg = load_config(REPO / "configs" / args[1][len(IMAGE_CONFIGS):], args[2:])
+    assert (cfg.data.root, cfg.run.dir) == ("/data", "/runs")
+    assert cfg.tracking.uri is None  # so MLFLOW_TRACKING_URI from the pod env is used
+
+
 def test_pytorchjob_tracks_to_mlflow_and_runs_as_image_user(pytorchjob):
     pod, container = worker_container(pytorchjob)
     env = {e["name"]: e.get("value") for e in container["env"]}
