@@ -21,8 +21,7 @@ PREFETCH = 2  # batches DALI decodes ahead; a decode error may belong to any of 
 DALI_DTYPES = {torch.float16: types.FLOAT16, torch.float32: types.FLOAT}
 
 
-def crop_and_layout(images, augment: Augment, dtype, channels_last: bool, device: str,
-                    mirror=None, crop=None):
+def crop_and_layout(images, dtype, channels_last: bool, device: str, mirror=None, crop=None):
     """uint8 HWC -> float in [0,1] (normalisation lives in the model), CHW or HWC."""
     return fn.crop_mirror_normalize(
         images, device=device, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
@@ -45,11 +44,11 @@ def image_pipeline(files, labels, train: bool, augment: Augment, gpu: bool, dtyp
             random_aspect_ratio=list(augment.aspect), num_attempts=100, **hw)
         images = fn.resize(images, device=device, resize_x=size, resize_y=size)
         mirror = fn.random.coin_flip(probability=0.5)
-        images = crop_and_layout(images, augment, dtype, channels_last, device, mirror=mirror)
+        images = crop_and_layout(images, dtype, channels_last, device, mirror=mirror)
     else:
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **hw)
         images = fn.resize(images, device=device, resize_shorter=augment.val_resize)
-        images = crop_and_layout(images, augment, dtype, channels_last, device, crop=(size, size))
+        images = crop_and_layout(images, dtype, channels_last, device, crop=(size, size))
     return images, targets.gpu() if gpu else targets
 
 
@@ -63,7 +62,8 @@ class DaliLoader(ShardedLoader):
 
     def build(self, files, labels) -> DALIGenericIterator:
         dtype = DALI_DTYPES.get(self.format.dtype, types.FLOAT)  # others converted afterwards
-        device_id = (self.format.device.index or 0) if self.gpu else None
+        device_id = (torch.cuda.current_device() if self.format.device.index is None
+                     else self.format.device.index) if self.gpu else None
         pipe = image_pipeline(
             [str(f) for f in files], list(labels), self.split == "train", self.augment, self.gpu,
             dtype, self.format.channels_last, batch_size=self.batch_size,
