@@ -167,7 +167,10 @@ def test_system_metrics_come_from_mlflows_collectors(tmp_path, store, monkeypatc
     assert "system/system_memory_usage_megabytes" in metrics
 
 
-def test_unreachable_server_never_blocks_and_unsent_items_replay(tmp_path, store, caplog):
+def test_unreachable_server_never_blocks_and_unsent_items_replay(tmp_path, store, caplog,
+                                                                 monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as build_tracker sets it,
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # but restored after the test
     uri = f"http://127.0.0.1:{unused_port()}"
     started = time.monotonic()
     tracker = build_tracker(enabled=True, uri=uri, experiment="offline", run_name="offline",
@@ -198,6 +201,31 @@ def test_unreachable_server_never_blocks_and_unsent_items_replay(tmp_path, store
     loaded = mlflow.pytorch.load_model(run.data.tags["model_uri.model"])
     x = torch.rand(4, 12)
     assert torch.allclose(loaded(x), model(x))
+
+
+def test_server_that_never_answers_costs_neither_the_step_nor_the_exit(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")  # the stuck worker ends soon after
+    with socket.socket() as silent:  # accepts connections (backlog), never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        tracker = build_tracker(enabled=True, uri=uri, experiment="silent", run_name="r",
+                                run_dir=tmp_path, rank=0, system_metrics=False,
+                                start_timeout=1.0)
+        assert time.monotonic() - started < 3
+        slowest = 0.0
+        for step in range(100):
+            t0 = time.perf_counter()
+            tracker.log_metrics({"loss": 1.0}, step=step)
+            slowest = max(slowest, time.perf_counter() - t0)
+        assert slowest < 0.05
+        started = time.monotonic()
+        tracker.close(timeout=1.0)
+        assert time.monotonic() - started < 3
+    lines = (tmp_path / UNSENT_FILE).read_text().splitlines()
+    assert sum(line.count('"loss"') for line in lines) == 100
 
 
 def test_replay_without_an_unsent_file_names_the_folder(tmp_path, capsys):

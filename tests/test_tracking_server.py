@@ -1,0 +1,138 @@
+"""dist_free.tracking against a real `mlflow server` on a loopback port: everything arrives over
+HTTP, and stopping the server mid-run neither slows the log calls nor loses a metric."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from dist_free.tracking import build_tracker
+from dist_free.tracking_unsent import UNSENT_FILE
+
+KEYS = ("train/loss", "train/adv_acc", "lr")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"mlflow server at {url} not healthy after {seconds} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    # The server runs in its own session; its group holds the workers, so kill them all.
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@contextmanager
+def server_processes(root: Path, port: int):
+    """start() runs `mlflow server` on 127.0.0.1:port over root's store; all are killed at exit."""
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+               "--artifacts-destination", str(root / "art")]
+        log = open(root / f"server{len(started)}.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                start_new_session=True)
+        started.append(proc)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            stop(proc)
+
+
+def log_steps(tracker, steps) -> float:
+    """Log KEYS at each step; return the slowest single call in seconds."""
+    slowest = 0.0
+    for step in steps:
+        t0 = time.perf_counter()
+        tracker.log_metrics({k: step / 100 for k in KEYS}, step=step)
+        slowest = max(slowest, time.perf_counter() - t0)
+        time.sleep(0.01)  # a (very) fast training step
+    return slowest
+
+
+def wait_until_sent(client, run_id, key, count, seconds=30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if len(client.get_metric_history(run_id, key)) >= count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{count} values of {key} not on the server after {seconds} s")
+
+
+@pytest.mark.slow
+def test_server_outage_mid_run_loses_no_metric_and_never_blocks(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as build_tracker sets it,
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # but restored after the test
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    (tmp_path / "config.yaml").write_text("train:\n  replays: 4\n")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    with server_processes(tmp_path, port) as start:
+        server = start()
+        tracker = build_tracker(enabled=True, uri=uri, experiment="outage", run_name="r",
+                                run_dir=tmp_path / "run", rank=0, system_metrics=False)
+        assert tracker.run_id is not None
+        client = MlflowClient(uri)
+        tracker.log_params({"train.replays": 4, "model.arch": "mlp"})
+        log_steps(tracker, range(0, 20))
+        wait_until_sent(client, tracker.run_id, "lr", 20)
+
+        stop(server)
+        slowest = log_steps(tracker, range(20, 60))
+        tracker.log_artifact(tmp_path / "config.yaml")
+        tracker.log_model(model)
+        assert slowest < 0.05, f"a log call took {slowest * 1000:.0f} ms with the server down"
+
+        start()  # same port, same store
+        slowest = log_steps(tracker, range(60, 80))
+        assert slowest < 0.05
+        tracker.close(timeout=90)
+
+        run = client.get_run(tracker.run_id)
+        assert run.info.status == "FINISHED"
+        for key in KEYS:
+            history = client.get_metric_history(tracker.run_id, key)
+            assert sorted(m.step for m in history) == list(range(80)), key
+        assert run.data.params["model.arch"] == "mlp"
+        assert "config.yaml" in {a.path for a in client.list_artifacts(tracker.run_id)}
+        mlflow.set_tracking_uri(uri)
+        loaded = mlflow.pytorch.load_model(run.data.tags["model_uri.model"])
+        x = torch.rand(3, 6)
+        assert torch.allclose(loaded(x), model(x))
+        assert not (tmp_path / "run" / UNSENT_FILE).exists()
