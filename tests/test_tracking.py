@@ -77,6 +77,28 @@ def test_environment_tags_name_commit_versions_devices_and_command():
     assert "pytest" in tags["launch.command"]  # the command that started this process
 
 
+def test_without_a_uri_runs_go_to_mlflow_db_and_mlartifacts_in_the_working_dir(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracker = build_tracker(enabled=True, uri=None, experiment="default", run_name="r",
+                            run_dir=tmp_path / "run", rank=0, system_metrics=False)
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.close()
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id)
+    assert run.data.metrics == {"loss": 1.0}
+    assert run.info.artifact_uri.startswith(str(tmp_path / "mlartifacts"))
+
+
+def test_mlflow_tracking_uri_env_is_used_when_no_uri_is_given(tmp_path, store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])
+    tracker = build_tracker(enabled=True, uri=None, experiment="from-env", run_name="r",
+                            run_dir=tmp_path, rank=0, system_metrics=False,
+                            artifact_location=store[1])
+    tracker.close()
+    assert MlflowClient(store[0]).get_run(tracker.run_id).info.status == "FINISHED"
+
+
 def test_run_holds_params_metrics_artifacts_and_a_loadable_model(tmp_path, store):
     (tmp_path / "config.yaml").write_text("model:\n  arch: resnet50\n")
     (tmp_path / "ckpt").mkdir()
@@ -135,6 +157,22 @@ def test_resumed_run_continues_the_same_run_without_duplicate_steps(tmp_path, st
     assert run.data.params["epochs"] == "2"
     assert run.data.tags["param_changed_on_resume.epochs"] == "4"
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_an_exception_inside_the_with_block_marks_the_run_failed(tmp_path, store):
+    with pytest.raises(RuntimeError):
+        with make_tracker(store, tmp_path, "failed") as tracker:
+            raise RuntimeError("loss is NaN")
+    assert MlflowClient(store[0]).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_a_rejected_item_is_kept_and_does_not_hold_back_the_rest(tmp_path, store):
+    tracker = make_tracker(store, tmp_path, "rejected")
+    tracker.log_artifact(tmp_path / "deleted.pt")
+    tracker.log_metrics({"loss": 0.5}, step=7)
+    tracker.close()
+    assert steps_of(MlflowClient(store[0]), tracker.run_id, "loss") == [7]
+    assert "deleted.pt" in (tmp_path / UNSENT_FILE).read_text()
 
 
 def test_artifact_is_uploaded_as_it_was_when_logged(tmp_path, store):
