@@ -49,10 +49,12 @@ class ShardedLoader:
         self.augment, self.format = augment, fmt
         self.class_to_idx = dict(listing.class_to_idx)
         self.epoch = 0
+        self.start_batch = 0
         self.num_samples = len(self.shard())
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """start_batch > 0 resumes an interrupted epoch: the same shuffle, minus the batches done."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def shard(self) -> list[int]:
         if self.split == "train":
@@ -68,7 +70,7 @@ class ShardedLoader:
         return (self.seed * 7919 + self.epoch * 104729 + self.rank * 15485863) % (2**31 - 1)
 
     def __iter__(self):
-        indices = self.shard()
+        indices = self.shard()[self.start_batch * self.batch_size:]
         files = [self.listing.files[i] for i in indices]
         labels = [self.listing.labels[i] for i in indices]
         for images, targets in self.batches(files, labels):

@@ -26,12 +26,13 @@ class SyntheticLoader:
         else:
             self.num_samples = len(val_shard(num_images, rank, world_size))
         self.batch = None
+        self.start_batch = 0
 
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def make_batch(self):
         g = epoch_generator(self.seed, self.rank)
@@ -43,6 +44,6 @@ class SyntheticLoader:
         if self.batch is None:
             self.batch = self.make_batch()
         images, labels = self.batch
-        for start in range(0, self.num_samples, self.batch_size):
+        for start in range(self.start_batch * self.batch_size, self.num_samples, self.batch_size):
             count = min(self.batch_size, self.num_samples - start)
             yield images[:count], labels[:count]

@@ -1,0 +1,78 @@
+"""Checkpoints: plain dicts, written atomically, read back with `weights_only=True`.
+
+Layout of a run directory:
+    <run_dir>/checkpoints/last.pt   the latest state; auto-resume starts here
+    <run_dir>/checkpoints/best.pt   the state with the best robust (PGD) validation accuracy
+
+A checkpoint holds the model (unwrapped), optimizer, scheduler, scaler, epoch and step counters,
+the class-index map, the resolved config, the MLflow run id, and every rank's perturbation buffer
+(free training's warm start is part of the training state, not a cache).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_atomic(state: dict, path: Path) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash or preemption mid-write leaves the previous checkpoint intact: rename is atomic on
+    POSIX file systems, and the temporary file never has the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint without unpickling arbitrary objects; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. "
+                              "It may be truncated or not a dist-free checkpoint.") from None
+    missing = {"model", "epoch"} - set(state) if isinstance(state, dict) else {"model", "epoch"}
+    if missing:
+        raise CheckpointError(f"{path} is not a dist-free checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The checkpoint auto-resume starts from, or None for a fresh run."""
+    path = checkpoint_dir(run_dir) / "last.pt"
+    return path if path.is_file() else None
+
+
+def check_class_map(saved: dict | None, current: dict) -> None:
+    """Resuming on a dataset whose classes are numbered differently would scramble the labels."""
+    if saved is not None and dict(saved) != dict(current):
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise CheckpointError(
+            f"the dataset's class map differs from the checkpoint's ({len(changed)} classes "
+            f"differ, e.g. {changed[:3]}); resume on the dataset the run started with")

@@ -1,0 +1,96 @@
+"""torch.distributed plumbing in one place: the process group from torchrun's environment.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT or a c10d rendezvous); without
+them the trainer runs as a single process with no process group at all. NCCL serves CUDA devices,
+gloo the CPU: the only backend switch in the code base.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes logs, checkpoints' shared parts and MLflow records."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU: only {torch.cuda.device_count()} "
+                           "visible; lower --nproc_per_node")
+    return torch.device("cuda", local_rank)
+
+
+def init(requested_device: str = "auto", timeout_s: float = 1800) -> DistInfo:
+    """Join torchrun's process group if launched by torchrun, else run single-process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Exact sums across ranks (counts are summed as float64 so no integer is rounded)."""
+    if dist.is_initialized():
+        values = values.double()
+        dist.all_reduce(values)
+    return values
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank src's Python object on every rank (e.g. a decision only rank 0 can make)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_to_main(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's same-shaped tensor, on rank 0 only (others get []): checkpointing per-rank
+    perturbation buffers without every rank holding world_size copies."""
+    if not dist.is_initialized():
+        return [t]
+    main = dist.get_rank() == 0
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())] if main else None
+    dist.gather(t.contiguous(), out, dst=0)
+    return out or []
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

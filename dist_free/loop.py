@@ -1,0 +1,335 @@
+"""The training loop: epochs of `method.train_step`, evaluation, checkpoints, metrics.
+
+`Run.start` builds (or resumes) everything a run needs; `fit` runs it. The step loop reads
+nothing back from the device except once per `run.log_every` steps, where one small all-reduce
+carries the window's loss/accuracy sums and the preemption flag, so every rank stops at the same
+step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dist_free import checkpoint, distributed, runtime
+from dist_free.config import Config, flatten, to_yaml
+from dist_free.distributed import DistInfo
+from dist_free.evaluate import evaluate
+from dist_free.methods import build_method
+from dist_free.progress import Progress
+from dist_free.tracking import build_tracker, environment_tags
+
+log = logging.getLogger("dist_free.train")
+
+
+class Preemption:
+    """SIGTERM (Slurm/Kubernetes preemption, torchrun shutting down) asks for a clean stop."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+@dataclass
+class Run:
+    cfg: Config
+    d: DistInfo
+    run_dir: Path
+    model: torch.nn.Module            # the bare model: checkpoints and attacks use it
+    method: object                    # natural/free/pgd/fast trainer around the DDP model
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+    val_loader: object
+    tracker: object
+    amp_dtype: torch.dtype | None
+    epoch: int = 0                    # completed epochs
+    start_batch: int = 0              # batches already done in `epoch` (after a preemption)
+    global_step: int = 0              # minibatches done since the run began
+    best_pgd: float = -1.0
+    logged_through: int = -1          # metrics at steps <= this reached MLflow before a restart
+    preemption: Preemption = field(default_factory=Preemption)
+
+    @classmethod
+    def start(cls, cfg: Config, d: DistInfo) -> Run:
+        run_dir = Path(cfg.run.dir) / cfg.run.name
+        resume = checkpoint.latest(run_dir)
+        state = checkpoint.load(resume) if resume else None
+        runtime.seed_everything(cfg.run.seed + d.rank)   # each rank its own augmentations/noise
+        train_loader = runtime.build_loader(cfg, d, "train", state and state.get("class_to_idx"))
+        val_loader = runtime.build_loader(cfg, d, "val", train_loader.class_to_idx)
+        model = runtime.build_bare_model(cfg, d.device)
+        optimizer = runtime.build_optimizer(cfg, model, d.world_size)
+        amp_dtype = runtime.resolve_amp(cfg.run.amp, d.device)
+        method = build_method(cfg.method.name, wrap(cfg, model, d), optimizer, amp_dtype=amp_dtype,
+                              loss_fn=loss_fn(cfg), **method_options(cfg))
+        tracker = build_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment,
+                                cfg.run.name, run_dir, d.rank,
+                                run_id=state and state.get("mlflow_run_id"),
+                                system_metrics=cfg.tracking.system_metrics)
+        run = cls(cfg, d, run_dir, model, method, optimizer, train_loader, val_loader, tracker,
+                  amp_dtype)
+        if state is not None:
+            run.restore(state, resume)
+        else:
+            run.record_start()
+        return run
+
+    def record_start(self) -> None:
+        """A fresh run: write and log what it is, before the first step."""
+        if not self.d.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        (self.run_dir / "class_map.json").write_text(json.dumps(self.train_loader.class_to_idx))
+        self.tracker.log_params(flatten(self.cfg.to_dict()))
+        self.tracker.set_tags({**environment_tags(self.d.world_size),
+                               "loader": self.train_loader.kind})
+        self.tracker.log_artifact(self.run_dir / "config.yaml")
+        self.tracker.log_artifact(self.run_dir / "class_map.json")
+
+    def restore(self, state: dict, path: Path) -> None:
+        checkpoint.check_class_map(state.get("class_to_idx"), self.train_loader.class_to_idx)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        method_state = dict(state.get("method") or {})
+        buffers = state.get("perturbations") or []
+        if self.cfg.method.name == "free":
+            method_state["perturbation"] = restore_buffer(buffers, self.d.rank)
+        self.method.load_state_dict(method_state)
+        self.epoch, self.start_batch = state["epoch"], state.get("batch_in_epoch", 0)
+        self.global_step, self.best_pgd = state["global_step"], state.get("best_pgd", -1.0)
+        self.logged_through = read_logged_through(self.run_dir)
+        log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch,
+                 self.start_batch, self.global_step)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """Metrics for steps re-run after a restart were logged the first time: skip them."""
+        if not self.d.is_main or step <= self.logged_through:
+            return
+        self.tracker.log_metrics(metrics, step)
+        (self.run_dir / "logged_through").write_text(str(step))
+
+
+def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
+    """SyncBatchNorm, DDP and torch.compile around the bare model, as configured."""
+    net = model
+    if d.distributed:
+        if cfg.model.sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # The perturbation is a leaf of the graph, not a parameter: DDP never all-reduces it.
+        net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return torch.compile(net) if cfg.model.compile else net
+
+
+def loss_fn(cfg: Config):
+    smoothing = cfg.optim.label_smoothing
+    return lambda logits, labels: torch.nn.functional.cross_entropy(
+        logits, labels, label_smoothing=smoothing)
+
+
+def method_options(cfg: Config) -> dict:
+    m = cfg.method
+    if m.name == "free":
+        fused = m.fused if m.fused == "auto" else m.fused == "true"
+        return dict(eps=m.eps, replays=m.replays, step_size=m.step_size, fused=fused)
+    if m.name == "pgd":
+        return dict(eps=m.eps, steps=m.steps, step_size=m.step_size)
+    if m.name == "fast":
+        return dict(eps=m.eps, step_size=m.step_size)
+    return {}
+
+
+def restore_buffer(buffers: list, rank: int) -> torch.Tensor | None:
+    """This rank's saved perturbation; a rank the old run did not have starts from zero."""
+    if rank < len(buffers):
+        return buffers[rank]
+    if buffers:
+        log.warning("rank %d has no saved perturbation (the run had %d ranks): starting it at zero",
+                    rank, len(buffers))
+    return None
+
+
+def read_logged_through(run_dir: Path) -> int:
+    try:
+        return int((run_dir / "logged_through").read_text())
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+# ------------------------------------------------------------------ the loop
+
+def fit(run: Run) -> None:
+    cfg = run.cfg
+    log.info("%s training: %d epochs (%d natural-training epochs / %d replays), %d steps/epoch, "
+             "%d ranks on %s, loader %s", cfg.method.name, cfg.epochs, cfg.optim.epochs,
+             cfg.replays, len(run.train_loader), run.d.world_size, run.d.device,
+             run.train_loader.kind)
+    try:
+        while run.epoch < cfg.epochs:
+            finished = train_one_epoch(run)
+            if not finished:                   # preempted: save where we are and leave
+                save(run, batch_in_epoch=run.start_batch)
+                log.warning("stopped on SIGTERM at epoch %d batch %d; the next start resumes there",
+                            run.epoch, run.start_batch)
+                return
+            run.epoch, run.start_batch = run.epoch + 1, 0
+            last = run.epoch == cfg.epochs
+            report = validate(run) if last or run.epoch % cfg.eval.every == 0 else None
+            if last or run.epoch % cfg.run.checkpoint_every == 0:
+                save(run, report=report)
+        finish(run)
+    finally:
+        run.tracker.close()
+
+
+def train_one_epoch(run: Run) -> bool:
+    """One epoch (or its remainder after a resume). False if a preemption stopped it early."""
+    cfg, loader = run.cfg, run.train_loader
+    loader.set_epoch(run.epoch, run.start_batch)
+    steps = len(loader)
+    window = Window(run.d.device)
+    progress = Progress(run.d.is_main, cfg.run.progress, f"epoch {run.epoch + 1}/{cfg.epochs}",
+                        steps, run.start_batch)
+    batches = iter(loader)
+    for i in range(run.start_batch, steps):
+        images, labels = window.wait_for(batches)
+        lr = runtime.base_lr(cfg, run.d.world_size) * runtime.lr_factor(
+            cfg, (run.epoch + i / steps) * cfg.replays)
+        runtime.set_lr(run.optimizer, lr)
+        window.add(run.method.train_step(images, labels), images.shape[0])
+        run.global_step, run.start_batch = run.global_step + 1, i + 1
+        if run.global_step % cfg.run.log_every == 0 or i + 1 == steps:
+            metrics, stop = window.close(run.preemption.requested, cfg.replays)
+            metrics["train/lr"] = lr
+            run.log_metrics(metrics, run.global_step)
+            progress.update(i + 1, metrics)
+            if stop:
+                progress.close()
+                return False
+    progress.close()
+    return True
+
+
+class Window:
+    """Sums over the steps between two log points, kept on the device until the log point."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(2, device=self.device)   # loss * n, correct
+        self.count, self.started, self.waited = 0, time.perf_counter(), 0.0
+
+    def wait_for(self, batches):
+        t = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - t
+        return batch
+
+    def add(self, stats, n: int) -> None:
+        s = stats.tensors
+        self.sums += torch.stack([s["loss"] * n, s["acc"] * n])
+        self.count += n
+
+    def close(self, stop_requested: bool, replays: int) -> tuple[dict, bool]:
+        """One all-reduce (and so one sync) per window: metric sums plus the stop flag."""
+        host = torch.tensor([float(self.count), float(stop_requested)], device=self.device)
+        totals = distributed.all_reduce_sum(torch.cat([self.sums, host])).tolist()
+        loss, correct, n, stops = totals
+        elapsed = time.perf_counter() - self.started
+        metrics = {"train/loss": loss / n, "train/adv_acc": correct / n,
+                   "perf/images_per_s": n / elapsed, "perf/passes_per_s": n * replays / elapsed,
+                   "perf/data_wait_frac": min(self.waited / elapsed, 1.0),
+                   "perf/peak_mem_gb": peak_memory_gb(self.device)}
+        self.reset()
+        return metrics, stops > 0
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: peak allocated tensors; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
+
+def validate(run: Run) -> dict:
+    """Clean top-1/top-5 and PGD accuracy on the whole val set; logged and written to a report."""
+    cfg = run.cfg
+    t = time.perf_counter()
+    result = evaluate(run.model, run.val_loader, eps_values=[cfg.eval_eps], steps=cfg.eval.steps,
+                      step_size=cfg.eval.step_size, restarts=cfg.eval.restarts,
+                      amp_dtype=run.amp_dtype, max_batches=cfg.eval.max_batches)
+    pgd = result["pgd"][cfg.eval_eps]
+    report = {"epoch": run.epoch, "global_step": run.global_step, "samples": result["samples"],
+              "top1": result["top1"], "top5": result["top5"], "pgd": pgd, "eps": cfg.eval_eps,
+              "pgd_steps": cfg.eval.steps, "pgd_restarts": cfg.eval.restarts,
+              "seconds": time.perf_counter() - t}
+    log.info("epoch %d eval: clean top-1 %.2f%% top-5 %.2f%%, PGD-%d top-1 %.2f%% (eps %.4f, %d images)",
+             run.epoch, 100 * report["top1"], 100 * report["top5"], cfg.eval.steps, 100 * pgd,
+             cfg.eval_eps, report["samples"])
+    run.log_metrics({"eval/top1": report["top1"], "eval/top5": report["top5"],
+                     "eval/pgd_top1": pgd, "eval/epoch": run.epoch}, run.global_step)
+    if run.d.is_main:
+        path = run.run_dir / "eval" / f"epoch_{run.epoch:03d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        run.tracker.log_artifact(path, "eval")
+    return report
+
+
+def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0) -> None:
+    """All ranks send their perturbation to rank 0, which writes last.pt (and best.pt)."""
+    buffers = gather_perturbations(run)
+    is_best = report is not None and report["pgd"] > run.best_pgd
+    if is_best:
+        run.best_pgd = report["pgd"]
+    if run.d.is_main:
+        method_state = {k: v for k, v in run.method.state_dict().items() if k != "perturbation"}
+        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "method": method_state, "perturbations": buffers, "epoch": run.epoch,
+                 "batch_in_epoch": batch_in_epoch, "global_step": run.global_step,
+                 "best_pgd": run.best_pgd, "class_to_idx": run.train_loader.class_to_idx,
+                 "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,
+                 "world_size": run.d.world_size, "eval": report}
+        last = checkpoint.save_atomic(state, checkpoint.checkpoint_dir(run.run_dir) / "last.pt")
+        if is_best:
+            copy_atomic(last, last.with_name("best.pt"))
+    distributed.barrier()    # nobody races ahead (or exits) before the checkpoint is on disk
+
+
+def gather_perturbations(run: Run) -> list[torch.Tensor]:
+    delta = getattr(run.method, "perturbation", None)
+    if delta is None:
+        return []
+    return [t.cpu() for t in distributed.gather_to_main(delta)]
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def finish(run: Run) -> None:
+    """The end of a complete run: the final model and the checkpoints go to MLflow."""
+    if not run.d.is_main:
+        return
+    ckpts = checkpoint.checkpoint_dir(run.run_dir)
+    for name in ("last.pt", "best.pt"):
+        if (ckpts / name).is_file():
+            run.tracker.log_artifact(ckpts / name, "checkpoints")
+    run.tracker.log_model(run.model, name="model")
+    log.info("done: %s", run.run_dir)
