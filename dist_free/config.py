@@ -277,6 +277,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(tree, overrides)
+
+
+def config_from_dict(tree: dict, overrides: list[str] = ()) -> Config:
+    """A nested dict (a YAML file's, or a checkpoint's saved config) plus overrides."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
     for item in overrides:
         _apply_override(tree, item)
     return _validate(_build(Config, tree))

@@ -85,3 +85,77 @@ def write_sweep(result: dict, out: Path, title: str) -> list[Path]:
     fig.savefig(out / "eval_eps_sweep.png")
     plt.close(fig)
     return [out / f"eval_eps_sweep.{ext}" for ext in ("json", "md", "png")]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m dist_free.evaluate",
+                                     description="Evaluate a checkpoint: clean and PGD accuracy.")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--eps", help="comma-separated eps values for a sweep, e.g. 0,2/255,4/255 "
+                        "(default: the run's eval eps)")
+    parser.add_argument("--steps", type=int, help="PGD steps (default: the run's eval.steps)")
+    parser.add_argument("--restarts", type=int, help="PGD restarts (default: the run's)")
+    parser.add_argument("--step-size", help="PGD step size (default 2.5 eps / steps)")
+    parser.add_argument("--out", type=Path, help="folder for the sweep's JSON, table and plot")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides on top of the checkpoint's, e.g. data.root=...")
+    return parser.parse_args(argv)
+
+
+def checkpoint_config(state: dict, overrides: list[str]):
+    """The run's own config (from the checkpoint) with command-line overrides on top."""
+    from dist_free.config import config_from_dict
+    return config_from_dict(state["config"], overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dist_free import checkpoint, runtime
+    from dist_free.config import ConfigError
+    import pipelines
+
+    args = parse_args(argv)
+    try:
+        state = checkpoint.load(args.checkpoint)
+        cfg = checkpoint_config(state, args.overrides)
+    except (checkpoint.CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    eps_values = parse_eps_list(args.eps) if args.eps else [cfg.eval_eps]
+    steps = args.steps or cfg.eval.steps
+    restarts = args.restarts or cfg.eval.restarts
+    step_size = float(Fraction(args.step_size)) if args.step_size else cfg.eval.step_size
+    d = distributed.init(cfg.run.device)
+    try:
+        loader = runtime.build_loader(cfg, d, "val", state.get("class_to_idx"))
+        model = runtime.build_bare_model(cfg, d.device)
+        model.load_state_dict(state["model"])
+        # eps = 0 is the clean accuracy; PGD at eps 0 would only recompute it.
+        result = evaluate(model, loader, eps_values=[e for e in eps_values if e > 0], steps=steps,
+                          step_size=step_size, restarts=restarts,
+                          amp_dtype=runtime.resolve_amp(cfg.run.amp, d.device))
+    except pipelines.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    if 0.0 in eps_values:
+        result["pgd"][0.0] = result["top1"]
+    result.update(steps=steps, restarts=restarts, checkpoint=str(args.checkpoint))
+    if d.is_main:
+        print_result(result, cfg)
+        if len(eps_values) > 1 or args.out:
+            out = args.out or args.checkpoint.parent
+            for path in write_sweep(result, out, f"{cfg.model.name}, {cfg.method.name} training"):
+                print(f"wrote {path}")
+    return 0
+
+
+def print_result(result: dict, cfg) -> None:
+    print(f"{result['samples']} images: clean top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}")
+    for eps, acc in sorted(result["pgd"].items()):
+        print(f"  eps {eps:.5f} ({eps * 255:.2f}/255): PGD-{result['steps']} x{result['restarts']} "
+              f"top-1 {acc:.2%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

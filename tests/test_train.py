@@ -1,0 +1,203 @@
+"""The torchrun trainer end to end on the digits demo (CPU, gloo), as a user runs it."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_free import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = str(ROOT / "tests" / "train_probe.py")
+# One short real epoch of free training (m=4): 4 natural-training epochs / 4 replays.
+QUICK = ["optim.epochs=4", "eval.max_batches=2", "eval.steps=2", "data.batch_size=32",
+         "run.log_every=5", "tracking.enabled=false"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from pipelines.demo import write_demo
+    root = tmp_path_factory.mktemp("demo") / "digits"
+    write_demo(root)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def probe_env(out: Path, **extra) -> dict:
+    # PYTHONPATH: the probe script runs from tests/, and must import this checkout's packages.
+    return {**os.environ, "PROBE_OUT": str(out), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+            **extra}
+
+
+def run_cmd(cmd, out: Path, timeout=300, env=None, **kw) -> subprocess.CompletedProcess:
+    env = probe_env(out, **(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def demo_args(demo_root, run_dir, *extra):
+    return ["--config", "configs/demo.yaml", f"data.root={demo_root}", f"run.dir={run_dir}",
+            *QUICK, *extra]
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Parameters must match exactly. BatchNorm running statistics are per rank between
+    forwards (DDP broadcasts rank 0's at each forward; checkpoints keep rank 0's), so not those."""
+    weights = [k for k in a if "running_" not in k and "num_batches_tracked" not in k]
+    assert len(weights) >= 8
+    for k in weights:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_ranks_train_identical_weights_with_their_own_perturbations(demo_root, tmp_path):
+    proc = run_cmd(torchrun("--nproc_per_node=2", "--standalone", PROBE,
+                            *demo_args(demo_root, tmp_path)), tmp_path)
+    assert_ok(proc)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_weights(r0["model"], r1["model"])
+    assert r0["perturbation"].abs().sum() > 0 and r1["perturbation"].abs().sum() > 0
+    assert not torch.equal(r0["perturbation"], r1["perturbation"])
+    state = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["world_size"] == 2
+    assert torch.equal(state["perturbations"][1], r1["perturbation"])   # every rank's buffer saved
+    assert state["eval"]["samples"] > 0
+    assert "clean top-1" in proc.stderr and "PGD-2 top-1" in proc.stderr
+
+
+def test_two_nodes_rendezvous_over_c10d_and_train_together(demo_root, tmp_path):
+    port = free_port()
+    node = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", PROBE,
+                    *demo_args(demo_root, tmp_path))
+    env = probe_env(tmp_path)
+    nodes = [subprocess.Popen(node, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_weights(r0["model"], r1["model"])
+    assert checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")["world_size"] == 2
+
+
+def test_killed_run_resumes_at_its_checkpoint_with_the_saved_weights(demo_root, tmp_path):
+    args = demo_args(demo_root, tmp_path, "optim.epochs=16")      # 4 real epochs
+    cmd = [sys.executable, PROBE, *args]
+    env = probe_env(tmp_path)
+    last = tmp_path / "demo" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not last.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)                          # no chance to clean up
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    saved = checkpoint.load(last)
+    assert 1 <= saved["epoch"] < 4
+    assert_ok(run_cmd(cmd, tmp_path))
+    resumed = torch.load(tmp_path / "resumed_rank0.pt", weights_only=True)
+    assert resumed["epoch"] == saved["epoch"] and resumed["global_step"] == saved["global_step"]
+    for k, v in saved["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert checkpoint.load(last)["epoch"] == 4
+
+
+def test_sigterm_saves_mid_epoch_and_the_restart_continues_from_that_batch(demo_root, tmp_path):
+    args = demo_args(demo_root, tmp_path, "optim.epochs=8", "run.log_every=1")
+    cmd = [sys.executable, PROBE, *args]
+    env = probe_env(tmp_path)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:                     # wait for a few logged steps of epoch 1
+        lines.append(line)
+        if "epoch 1/2 3/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "stopped on SIGTERM" in out
+    saved = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 0 and 3 <= saved["batch_in_epoch"] < 44
+    assert_ok(run_cmd(cmd, tmp_path))
+    resumed = torch.load(tmp_path / "resumed_rank0.pt", weights_only=True)
+    assert resumed["global_step"] == saved["global_step"]
+    final = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
+    # Exactly two epochs' steps in total: the interrupted epoch was finished, not restarted.
+    steps_per_epoch = final["global_step"] // 2
+    assert final["epoch"] == 2 and final["global_step"] == 2 * steps_per_epoch
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(demo_root, tmp_path):
+    proc = run_cmd(torchrun("--nproc_per_node=2", "--standalone", "--max-restarts=1", PROBE,
+                            *demo_args(demo_root, tmp_path, "optim.epochs=8")),
+                   tmp_path, env={"PROBE_DIE_AFTER_EPOCH": "1"})
+    assert_ok(proc)
+    resumed = torch.load(tmp_path / "resumed_rank0.pt", weights_only=True)
+    assert resumed["epoch"] == 1
+    assert checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def no_worker_traceback(stderr: str) -> bool:
+    return "dist_free/" not in stderr and "pipelines/" not in stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.eps=0", "method.eps must be > 0"),
+    ("method.replays=0", "method.replays must be > 0"),
+    ("method.epss=1", "unknown config key 'method.epss'"),
+    ("data.batch_size=many", "data.batch_size: expected a number"),
+])
+def test_bad_config_stops_before_any_worker_starts_training(override, message, tmp_path):
+    # Under torchrun once (the workers' path); the parser is the same code for the rest.
+    launcher = torchrun("--nproc_per_node=2", "--standalone") if "eps=0" in override else []
+    proc = run_cmd([*(launcher or [sys.executable]), "-m", "dist_free.train", "--config",
+                    "configs/demo.yaml", override], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert no_worker_traceback(proc.stderr)
+
+
+@pytest.mark.parametrize("root, message", [
+    ("/nonexistent/imagenet", "/nonexistent/imagenet"),
+])
+def test_bad_data_root_gives_one_clear_error(root, message, tmp_path):
+    proc = run_cmd(torchrun("--nproc_per_node=2", "--standalone", "-m", "dist_free.train",
+                            "--config", "configs/demo.yaml", f"data.root={root}",
+                            f"run.dir={tmp_path}"), tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "DataError" in proc.stderr
+    assert no_worker_traceback(proc.stderr)
+
+
+def test_class_count_mismatch_with_the_model_is_refused(demo_root, tmp_path):
+    proc = run_cmd([sys.executable, "-m", "dist_free.train",
+                    *demo_args(demo_root, tmp_path, "model.num_classes=1000")], tmp_path)
+    assert proc.returncode == 2 and "1000" in proc.stderr and no_worker_traceback(proc.stderr)
