@@ -1,0 +1,264 @@
+"""`python -m dist_free.bench`: what free training costs, measured on the machine it runs on.
+
+    python -m dist_free.bench                    # full suite for this device (CPU or CUDA)
+    python -m dist_free.bench --quick            # tiny sizes, one repeat: a smoke test (< 1 min)
+    python -m dist_free.bench --parts step,update --model resnet50 --image-size 224 --batch 64
+    python -m dist_free.bench --results-md bench/RESULTS.md   # also refresh this device's table
+
+Parts: step (free replay vs natural, PGD-7, FGSM-RS; the replay broken down), update (fused vs
+eager perturbation update vs a plain copy), pipeline (DALI vs the torchvision DataLoader on real
+JPEGs), e2e (free training on JPEGs vs the synthetic source), memory (free vs natural peak),
+scaling (images/s per rank at world size 1 and 2, and the bytes DDP all-reduces).
+
+Every figure is a median over interleaved repeats, with its spread, and names the device it ran
+on. Ratios measured side by side are the portable result; absolute times only compare between
+machines of the same kind. Defaults follow the device: on CUDA ResNet-50, 224 px, batch 256, bf16,
+channels_last; on a CPU ResNet-18 at 112 px, batch 32, fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dist_free import bench_data, bench_timing, bench_workers
+from dist_free.bench_report import format_table, update_results_md
+
+PARTS = ("step", "update", "pipeline", "e2e", "memory", "scaling")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    image_size: int
+    batch: int
+    dtypes: list[str]
+    device: str
+    channels_last: bool
+    parts: list[str]
+    quick: bool = False
+    repeats: int = 5
+    replays: int = 4
+    update_shape: list[int] = field(default_factory=lambda: [64, 3, 224, 224])
+    jpegs: int = 512
+    e2e_batches: int = 8
+    scaling: dict = field(default_factory=dict)
+    threads: int = 0
+
+
+def cuda_defaults() -> dict:
+    return dict(model="resnet50", image_size=224, batch=256, dtypes=["bf16"], channels_last=True,
+                jpegs=4096, e2e_batches=30, scaling=dict(model="resnet50", image_size=224, batch=128))
+
+
+def cpu_defaults() -> dict:
+    return dict(model="resnet18", image_size=112, batch=32, dtypes=["fp32", "bf16"],
+                channels_last=False, scaling=dict(model="small_cnn", image_size=32, batch=64))
+
+
+def quick_defaults() -> dict:
+    return dict(model="small_cnn", image_size=32, batch=8, dtypes=["fp32"], channels_last=False,
+                repeats=1, update_shape=[8, 3, 32, 32], jpegs=24, e2e_batches=2,
+                scaling=dict(model="small_cnn", image_size=32, batch=8))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def build_config(a: argparse.Namespace) -> BenchConfig:
+    device = resolve_device(a.device)
+    base = quick_defaults() if a.quick else cuda_defaults() if device.type == "cuda" else cpu_defaults()
+    chosen = {k: v for k, v in dict(model=a.model, image_size=a.image_size, batch=a.batch,
+                                    repeats=a.repeats, jpegs=a.jpegs).items() if v is not None}
+    if a.dtype:
+        chosen["dtypes"] = a.dtype.split(",")
+    unknown = [d for d in chosen.get("dtypes", []) if d not in bench_timing.DTYPES]
+    if unknown:
+        raise SystemExit(f"bench: --dtype {unknown} not one of {sorted(bench_timing.DTYPES)}")
+    parts = a.parts.split(",") if a.parts else list(PARTS)
+    if set(parts) - set(PARTS):
+        raise SystemExit(f"bench: --parts {sorted(set(parts) - set(PARTS))} not among {PARTS}")
+    if a.channels_last is not None:
+        chosen["channels_last"] = a.channels_last
+    cfg = BenchConfig(**{**base, **chosen}, device=str(device), parts=parts, quick=a.quick)
+    cfg.threads = torch.get_num_threads()
+    return cfg
+
+
+# ---------------------------------------------------------------- environment
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("+dirty" if dirty else "")
+
+
+def device_label(device: torch.device) -> str:
+    """What every figure is tagged with: the GPU's name, or the CPU model and its core count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import nvidia.dali as dali
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = None
+    return {"device": device_label(device), "device_type": device.type,
+            "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "dali": dali_version, "python": platform.python_version(),
+            "commit": git_commit(), "command": "python -m dist_free.bench " + shlex.join(sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+# ---------------------------------------------------------------- sections
+
+def part_step(cfg: BenchConfig, device, _workdir) -> dict:
+    return {dtype: bench_timing.step_cost(cfg.model, cfg.image_size, cfg.batch, dtype, device,
+                                          cfg.channels_last, cfg.replays, cfg.repeats)
+            for dtype in cfg.dtypes}
+
+
+def part_update(cfg: BenchConfig, device, _workdir) -> dict:
+    # The paper's setting: fp32 buffer, gradient and next input in the activation dtype (bf16).
+    return bench_timing.update_cost(tuple(cfg.update_shape), torch.bfloat16, device,
+                                    cfg.repeats, calls=1)
+
+
+def part_pipeline(cfg: BenchConfig, device, workdir: Path) -> dict:
+    root = bench_data.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
+    return bench_data.pipeline_throughput(root, cfg.batch, cfg.image_size, device,
+                                          os.cpu_count() or 1, max(1, min(cfg.repeats, 3)))
+
+
+def part_e2e(cfg: BenchConfig, device, workdir: Path) -> dict:
+    root = bench_data.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
+    return bench_data.end_to_end(root, cfg.model, cfg.image_size, cfg.batch, cfg.dtypes[0], device,
+                                 cfg.channels_last, cfg.replays, os.cpu_count() or 1,
+                                 cfg.e2e_batches, max(1, min(cfg.repeats, 2)))
+
+
+def worker_cfg(cfg: BenchConfig, **overrides) -> dict:
+    return {"model": cfg.model, "image_size": cfg.image_size, "batch": cfg.batch,
+            "dtype": cfg.dtypes[0], "device": cfg.device, "replays": cfg.replays,
+            "steps": 2 if cfg.quick else 3, "channels_last": cfg.channels_last, **overrides}
+
+
+def part_memory(cfg: BenchConfig, device, workdir: Path) -> dict:
+    w = worker_cfg(cfg)
+    runs = bench_workers.spawn_memory(["natural", "free"], w, workdir, cfg.threads)
+    free, natural = runs["free"], runs["natural"]
+    return {**runs, "settings": w, "free_vs_natural_peak": free["peak_bytes"] / natural["peak_bytes"],
+            "buffer_share_of_peak": free["buffer_bytes"] / free["peak_bytes"],
+            "buffer_share_of_training_memory":
+                free["buffer_bytes"] / max(1, free["peak_bytes"] - free["baseline_bytes"])}
+
+
+def part_scaling(cfg: BenchConfig, device, workdir: Path) -> dict:
+    w = worker_cfg(cfg, steps=2 if cfg.quick else 10, **cfg.scaling)
+    # One rank per GPU (NCCL will not put two on one GPU); a CPU runs two gloo ranks on its cores.
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 2
+    worlds = sorted({n for n in (2, gpus) if 1 < n <= gpus})
+    runs = {"1": bench_workers.single_process(w)}
+    runs.update({str(n): bench_workers.spawn_ddp(n, w, workdir, os.cpu_count() or 1)
+                 for n in worlds})
+    base = runs["1"]["ranks"][0]["free"]["images_per_s_per_rank"]
+    for n, run in runs.items():
+        per_rank = [r["free"]["images_per_s_per_rank"] for r in run["ranks"]]
+        run["free_images_per_s_total"] = sum(per_rank)
+        run["free_per_rank_vs_world1"] = (sum(per_rank) / len(per_rank)) / base
+    return {"settings": w, "runs": runs}
+
+
+SECTIONS = {"step": part_step, "update": part_update, "pipeline": part_pipeline,
+            "e2e": part_e2e, "memory": part_memory, "scaling": part_scaling}
+
+
+def run_suite(cfg: BenchConfig, log=print) -> dict:
+    device = torch.device(cfg.device)
+    result = {"environment": environment(device), "config": asdict(cfg)}
+    with tempfile.TemporaryDirectory(prefix="dist_free_bench_") as tmp:
+        for part in cfg.parts:
+            log(f"bench: {part} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            result[part] = {"device": device_label(device), **SECTIONS[part](cfg, device, Path(tmp))}
+            result[part]["wall_s"] = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------- CLI
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dist_free.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="any dist_free.models name, e.g. resnet50, small_cnn")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--dtype", help="comma list of fp32, bf16, fp16 (autocast)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--parts", help=f"comma list of {', '.join(PARTS)} (default: all)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--repeats", type=int, help="interleaved rounds per comparison")
+    p.add_argument("--jpegs", type=int, help="generated JPEGs for the pipeline parts")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
+    p.add_argument("--out", type=Path, help="JSON path (default bench/results/<device>.json)")
+    p.add_argument("--results-md", type=Path, help="refresh this device's table in this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    cfg = build_config(a)
+    result = run_suite(cfg)
+    table = format_table(result)
+    print(table)
+    name = slug(result["environment"]["device"]) + ("-quick" if cfg.quick else "")
+    out = a.out or REPO / "bench" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out}", file=sys.stderr)
+    if a.results_md:
+        shown = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
+        update_results_md(a.results_md, result, table, shown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
