@@ -110,7 +110,8 @@ class Run:
         self.method.load_state_dict(method_state)
         self.epoch, self.start_batch = state["epoch"], state.get("batch_in_epoch", 0)
         self.global_step, self.best_pgd = state["global_step"], state.get("best_pgd", -1.0)
-        self.logged_through = read_logged_through(self.run_dir)
+        if self.d.is_main:
+            self.logged_through = self.tracker.logged_through("train/loss")
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch,
                  self.start_batch, self.global_step)
 
@@ -119,7 +120,6 @@ class Run:
         if not self.d.is_main or step <= self.logged_through:
             return
         self.tracker.log_metrics(metrics, step)
-        (self.run_dir / "logged_through").write_text(str(step))
 
 
 def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
@@ -159,13 +159,6 @@ def restore_buffer(buffers: list, rank: int) -> torch.Tensor | None:
         log.warning("rank %d has no saved perturbation (the run had %d ranks): starting it at zero",
                     rank, len(buffers))
     return None
-
-
-def read_logged_through(run_dir: Path) -> int:
-    try:
-        return int((run_dir / "logged_through").read_text())
-    except (FileNotFoundError, ValueError):
-        return -1
 
 
 # ------------------------------------------------------------------ the loop

@@ -153,6 +153,7 @@ class NullTracker:
     def log_artifact(self, path, artifact_path: str | None = None) -> None: ...
     def log_model(self, model, name: str = "model", input_example=None) -> None: ...
     def close(self, timeout: float = 30.0, status: str = "FINISHED") -> None: ...
+    def logged_through(self, key: str, timeout: float = 5.0) -> int: return -1
 
     def __enter__(self):
         return self
@@ -240,6 +241,32 @@ class Tracker(NullTracker):
             self._cond.notify_all()
         if left:
             self._write_unsent(left)
+
+    def logged_through(self, key: str, timeout: float = 5.0) -> int:
+        """The highest step of metric `key` MLflow holds for this run, or -1 if unknown.
+
+        A resumed run re-runs the steps after its checkpoint; the trainer skips logging those
+        MLflow already has, so no step appears twice. Asked once, at resume, in a helper
+        thread so an unreachable server costs at most `timeout` s (then nothing is skipped:
+        a duplicate is better than a gap).
+        """
+        if self._target.run_id is None:
+            return -1
+        answer = []
+
+        def ask():
+            from mlflow import MlflowClient
+            history = MlflowClient(self._target.uri).get_metric_history(self._target.run_id, key)
+            answer.append(max((m.step for m in history), default=-1))
+
+        thread = threading.Thread(target=ask, name="mlflow-resume-query", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if not answer:
+            log.warning("could not ask MLflow which steps run %s already has; steps re-run "
+                        "after the checkpoint may be logged twice", self._target.run_id)
+            return -1
+        return answer[0]
 
     # -- internals
 

@@ -1,0 +1,93 @@
+"""A demo run as MLflow sees it: params, metrics by step, artifacts, a model that loads back."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from dist_free import checkpoint
+from dist_free.models import build_model
+from test_train import PROBE, QUICK, ROOT, assert_ok, demo_root, probe_env  # noqa: F401
+
+pytestmark = pytest.mark.slow
+TRACKED = [q for q in QUICK if not q.startswith("tracking.")] + ["tracking.system_metrics=false"]
+
+
+def train_cmd(demo_root, run_dir, *extra):
+    # Run from run_dir so the default embedded store (./mlflow.db, ./mlartifacts) lands there.
+    return [sys.executable, PROBE, "--config", str(ROOT / "configs/demo.yaml"),
+            f"data.root={demo_root}", f"run.dir={run_dir}", *TRACKED, *extra]
+
+
+def client_for(tmp_path):
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def the_run(client):
+    exp = client.get_experiment_by_name("dist-free")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def test_a_demo_run_is_fully_recorded_in_the_embedded_store(demo_root, tmp_path, monkeypatch):
+    proc = subprocess.run(train_cmd(demo_root, tmp_path, "optim.epochs=8"), cwd=tmp_path,
+                          env=probe_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    client = client_for(tmp_path)
+    run = the_run(client)
+    assert run.info.status == "FINISHED"
+    assert float(run.data.params["method.eps"]) == pytest.approx(8 / 255)
+    assert run.data.params["model.name"] == "small_cnn"
+    assert run.data.tags["world_size"] == "1"
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(loss_steps) >= 4 and loss_steps == sorted(set(loss_steps))
+    for key in ("train/adv_acc", "train/lr", "perf/images_per_s", "perf/data_wait_frac",
+                "eval/top1", "eval/top5", "eval/pgd_top1"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "class_map.json", "eval", "checkpoints"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} >= {
+        "checkpoints/last.pt", "checkpoints/best.pt"}
+    # The final model loads with MLflow's own loader and predicts like the checkpoint.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(run.data.tags["model_uri.model"], map_location="cpu")
+    state = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
+    reference = build_model("small_cnn", 10)
+    reference.load_state_dict(state["model"])
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+
+
+def test_a_killed_and_resumed_run_continues_the_same_mlflow_run_without_duplicate_steps(
+        demo_root, tmp_path):
+    cmd = train_cmd(demo_root, tmp_path, "optim.epochs=16", "run.log_every=2")
+    last = tmp_path / "demo" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=probe_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not last.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.5)          # let it log a few steps past the checkpoint, then kill it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    saved = checkpoint.load(last)
+    assert saved["mlflow_run_id"] and saved["epoch"] < 4
+    assert_ok(subprocess.run(cmd, cwd=tmp_path, env=probe_env(tmp_path), capture_output=True,
+                             text=True, timeout=300))
+    client = client_for(tmp_path)
+    run = the_run(client)
+    assert run.info.run_id == saved["mlflow_run_id"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    final = checkpoint.load(last)
+    assert max(steps) == final["global_step"]
+    assert set(range(2, final["global_step"], 2)) <= set(steps)   # nothing missing either
