@@ -14,6 +14,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -255,10 +256,10 @@ def _validate(cfg: Config) -> Config:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    """{"a": {"b": 1}} -> {"a.b": 1}; leaves (lists included) are kept as they are."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
+        if isinstance(v, Mapping):
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

@@ -51,16 +51,23 @@ class FreeAdversarialTrainer(StepBase):
         """This rank's buffer, (max_batch, C, H, W), fp32; None until its shape is known."""
         return self._delta
 
-    def _allocate(self, shape: tuple[int, ...]) -> None:
+    def _allocate(self, shape: tuple[int, ...], like: torch.Tensor | None = None) -> None:
         if len(shape) != 4:
             raise ValueError(f"input_shape must be (max_batch, C, H, W), got {shape}")
-        self._delta = torch.zeros(shape, device=self.device, dtype=torch.float32)
+        # Same memory layout as the batches (channels_last on GPUs), so the element-wise update
+        # walks all its tensors in the same order.
+        channels_last = like is not None and like.dim() == 4 and not like.is_contiguous() \
+            and like.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self._delta = torch.empty(shape, device=self.device, dtype=torch.float32,
+                                  memory_format=fmt).zero_()
         # The replay input lives in one reused buffer, in the dtype the model consumes.
-        self._x_adv = torch.empty(shape, device=self.device, dtype=self.input_dtype)
+        self._x_adv = torch.empty(shape, device=self.device, dtype=self.input_dtype,
+                                  memory_format=fmt)
 
     def _check_shape(self, images: torch.Tensor) -> None:
         if self._delta is None:
-            self._allocate(tuple(images.shape))
+            self._allocate(tuple(images.shape), like=images)
         buf = self._delta.shape
         if images.shape[1:] != buf[1:] or images.shape[0] > buf[0] or images.shape[0] == 0:
             raise ValueError(
@@ -102,5 +109,5 @@ class FreeAdversarialTrainer(StepBase):
             raise ValueError(f"saved perturbation has shape {tuple(saved.shape)}, this trainer's "
                              f"buffer is {tuple(self._delta.shape)} (batch size or image size changed)")
         if self._delta is None:
-            self._allocate(tuple(saved.shape))
+            self._allocate(tuple(saved.shape), like=saved)
         self._delta.copy_(saved)

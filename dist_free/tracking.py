@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
+from dist_free.config import flatten  # noqa: F401  (re-exported: the trainer's params)
 from dist_free.tracking_sender import RunTarget, is_permanent, open_run, send
 from dist_free.tracking_unsent import UNSENT_FILE, dump, replay, replay_command
 
@@ -55,18 +56,6 @@ def _now_ms() -> int:
 
 
 # ---------------------------------------------------------------- params, tags, environment
-
-def flatten(tree: Mapping, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; leaves (lists included) are kept as they are."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
 
 def _clip(text: str, limit: int, what: str) -> str:
     if len(text) <= limit:

@@ -193,3 +193,18 @@ def test_fused_trainer_equals_eager_trainer():
     assert torch.equal(d0, d1)
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
+
+
+def test_channels_last_batches_get_channels_last_buffers_and_the_same_result():
+    results = []
+    for channels_last in (False, True):
+        model = tiny_net()
+        t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2)
+        for x, y in minibatches([8, 8]):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t.train_step(x, y)
+        assert t.perturbation.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        results.append(t.perturbation)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-7)
