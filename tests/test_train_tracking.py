@@ -91,3 +91,37 @@ def test_a_killed_and_resumed_run_continues_the_same_mlflow_run_without_duplicat
     final = checkpoint.load(last)
     assert max(steps) == final["global_step"]
     assert set(range(2, final["global_step"], 2)) <= set(steps)   # nothing missing either
+
+
+def test_a_demo_run_over_http_survives_the_server_going_down_mid_run(demo_root, tmp_path,
+                                                                     monkeypatch):
+    from test_tracking_server import free_port, server_processes, stop
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = train_cmd(demo_root, tmp_path, "optim.epochs=12", "run.log_every=2",
+                    f"tracking.uri={uri}")
+    last = tmp_path / "demo" / "checkpoints" / "last.pt"
+    with server_processes(tmp_path, port) as start:
+        server = start()
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=probe_env(tmp_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 240
+            while not last.exists() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            stop(server)                       # mid-run: epoch 2 of 3 is being trained
+            time.sleep(4)
+            start()
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, out[-4000:]
+        client = MlflowClient(uri)
+        run = the_run(client)
+        final = checkpoint.load(last)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        expected = set(range(2, final["global_step"] + 1, 2)) | {final["global_step"]}
+        assert sorted(steps) == sorted(expected)          # every step, exactly once
+        assert client.get_metric_history(run.info.run_id, "eval/pgd_top1")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.pytorch.load_model(run.data.tags["model_uri.model"], map_location="cpu")
