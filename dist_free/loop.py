@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_free import checkpoint, distributed, runtime
-from dist_free.config import Config, flatten, to_yaml
+from dist_free.config import Config, ConfigError, flatten, to_yaml
 from dist_free.distributed import DistInfo
 from dist_free.evaluate import evaluate
 from dist_free.methods import build_method
@@ -127,6 +127,9 @@ def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
     net = model
     if d.distributed:
         if cfg.model.sync_bn:
+            if d.device.type != "cuda":
+                raise ConfigError("model.sync_bn=true needs CUDA devices: torch's SyncBatchNorm "
+                                  "runs on GPUs only")
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         # The perturbation is a leaf of the graph, not a parameter: DDP never all-reduces it.
         net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)

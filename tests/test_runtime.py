@@ -35,3 +35,34 @@ def test_precision_defaults_to_fp32_on_the_cpu():
     assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
     assert runtime.resolve_amp("fp16", torch.device("cpu")) is torch.float16
     assert runtime.resolve_amp("off", torch.device("cuda", 0)) is None
+
+
+def test_compiled_model_trains_like_the_eager_one():
+    from dist_free.distributed import DistInfo
+    from dist_free.free import FreeAdversarialTrainer
+    from dist_free.loop import wrap
+    from test_free import minibatches, sgd, tiny_net
+    results = []
+    for compile_ in ("false", "true"):
+        cfg = load_config(None, [f"model.compile={compile_}"])
+        model = tiny_net()
+        net = wrap(cfg, model, DistInfo())
+        assert (net is not model) == (compile_ == "true")
+        t = FreeAdversarialTrainer(net, sgd(model), eps=4 / 255, replays=2)
+        for x, y in minibatches([8, 8]):
+            t.train_step(x, y)
+        results.append((t.perturbation, [p.detach().clone() for p in model.parameters()]))
+    (d0, p0), (d1, p1) = results
+    torch.testing.assert_close(d0, d1, rtol=0, atol=1e-7)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_a_clear_config_error():
+    from dist_free.config import ConfigError
+    from dist_free.distributed import DistInfo
+    from dist_free.loop import wrap
+    from test_free import tiny_net
+    cfg = load_config(None, ["model.sync_bn=true"])
+    with pytest.raises(ConfigError, match="model.sync_bn=true needs CUDA"):
+        wrap(cfg, tiny_net(), DistInfo(rank=0, world_size=2))
