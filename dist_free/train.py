@@ -19,14 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 import pipelines
-from dist_free import checkpoint, distributed, runtime
-from dist_free.config import Config, ConfigError, load_config
+from dist_free import checkpoint, distributed
+from dist_free.config import ConfigError, load_config
 from dist_free.loop import Run, fit
 
 log = logging.getLogger("dist_free.train")
+# Problems with the user's data, checkpoint or config: a message, not a traceback.
+USER_ERRORS = (pipelines.DataError, checkpoint.CheckpointError, ConfigError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,13 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     d = distributed.init(cfg.run.device)
     setup_logging(d.is_main)
     try:
-        fit(Run.start(cfg, d))
+        try:
+            run = Run.start(cfg, d)
+        except USER_ERRORS as e:
+            # Every rank checks the same data and checkpoint: one message, from rank 0.
+            if d.is_main:
+                print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
+            return 2
+        try:
+            fit(run)
+        except pipelines.DataError as e:
+            # Met mid-epoch (a corrupt file) by this rank alone: say which rank.
+            print(f"error (DataError) on rank {d.rank}: {e}", file=sys.stderr)
+            return 2
         return 0
-    except (pipelines.DataError, checkpoint.CheckpointError, ConfigError) as e:
-        # A user-facing problem: one clear line per distinct cause, no traceback from workers.
-        if d.is_main or not isinstance(e, (pipelines.DataError, ConfigError)):
-            print(f"error ({type(e).__name__}) on rank {d.rank}: {e}", file=sys.stderr)
-        return 2
     finally:
         distributed.shutdown()
 

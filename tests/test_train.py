@@ -201,3 +201,16 @@ def test_class_count_mismatch_with_the_model_is_refused(demo_root, tmp_path):
     proc = run_cmd([sys.executable, "-m", "dist_free.train",
                     *demo_args(demo_root, tmp_path, "model.num_classes=1000")], tmp_path)
     assert proc.returncode == 2 and "1000" in proc.stderr and no_worker_traceback(proc.stderr)
+
+
+def test_a_corrupt_jpeg_met_mid_epoch_is_named(demo_root, tmp_path):
+    import shutil
+    root = tmp_path / "digits"
+    shutil.copytree(demo_root, root)
+    victim = sorted((root / "train" / "7").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:200])              # truncated mid-scan
+    proc = run_cmd([sys.executable, "-m", "dist_free.train",
+                    *demo_args(root, tmp_path / "runs")], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert str(victim) in proc.stderr and "dist_free.data verify" in proc.stderr
+    assert no_worker_traceback(proc.stderr)
