@@ -35,7 +35,7 @@ def the_run(client):
     return runs[0]
 
 
-def test_a_demo_run_is_fully_recorded_in_the_embedded_store(demo_root, tmp_path, monkeypatch):
+def test_a_demo_run_is_fully_recorded_in_the_embedded_store(demo_root, tmp_path):
     proc = subprocess.run(train_cmd(demo_root, tmp_path, "optim.epochs=8"), cwd=tmp_path,
                           env=probe_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert_ok(proc)
@@ -55,7 +55,7 @@ def test_a_demo_run_is_fully_recorded_in_the_embedded_store(demo_root, tmp_path,
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} >= {
         "checkpoints/last.pt", "checkpoints/best.pt"}
     # The final model loads with MLflow's own loader and predicts like the checkpoint.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")   # models:/ URIs resolve here
     model = mlflow.pytorch.load_model(run.data.tags["model_uri.model"], map_location="cpu")
     state = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
     reference = build_model("small_cnn", 10)
@@ -93,8 +93,7 @@ def test_a_killed_and_resumed_run_continues_the_same_mlflow_run_without_duplicat
     assert set(range(2, final["global_step"], 2)) <= set(steps)   # nothing missing either
 
 
-def test_a_demo_run_over_http_survives_the_server_going_down_mid_run(demo_root, tmp_path,
-                                                                     monkeypatch):
+def test_a_demo_run_over_http_survives_the_server_going_down_mid_run(demo_root, tmp_path):
     from test_tracking_server import free_port, server_processes, stop
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -123,5 +122,5 @@ def test_a_demo_run_over_http_survives_the_server_going_down_mid_run(demo_root, 
         expected = set(range(2, final["global_step"] + 1, 2)) | {final["global_step"]}
         assert sorted(steps) == sorted(expected)          # every step, exactly once
         assert client.get_metric_history(run.info.run_id, "eval/pgd_top1")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
         mlflow.pytorch.load_model(run.data.tags["model_uri.model"], map_location="cpu")
