@@ -52,10 +52,30 @@ def init(requested_device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = attempt_store(world_size, timeout)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=device if device.type == "cuda" else None,
+                                **(dict(store=store, rank=rank, world_size=world_size)
+                                   if store is not None else {}))
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's store, with keys private to this restart attempt (None: not under torchrun).
+
+    With the c10d rendezvous, torchrun's workers share the agent's TCPStore across restarts.
+    Process-group set-up keys are not namespaced per attempt, so after `--max-restarts` kicks in
+    the new workers can read the dead workers' addresses and hang in gloo/NCCL set-up (seen
+    here with torch 2.14). Prefixing with TORCHELASTIC_RESTART_COUNT, as torch's own env://
+    handler once did, gives every attempt fresh keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"dist_free/attempt_{attempt}/", store)
 
 
 def shutdown() -> None:
