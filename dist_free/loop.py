@@ -101,13 +101,18 @@ class Run:
 
     def restore(self, state: dict, path: Path) -> None:
         checkpoint.check_class_map(state.get("class_to_idx"), self.train_loader.class_to_idx)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        method_state = dict(state.get("method") or {})
-        buffers = state.get("perturbations") or []
-        if self.cfg.method.name == "free":
-            method_state["perturbation"] = restore_buffer(buffers, self.d.rank)
-        self.method.load_state_dict(method_state)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            method_state = dict(state.get("method") or {})
+            if self.cfg.method.name == "free":
+                method_state["perturbation"] = restore_buffer(state.get("perturbations") or [],
+                                                              self.d.rank)
+            self.method.load_state_dict(method_state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise checkpoint.CheckpointError(
+                f"{path} does not fit this run's config (model, method or batch size changed?): "
+                f"{str(e).splitlines()[0]}. Use a new run.name to start afresh.") from None
         self.epoch, self.start_batch = state["epoch"], state.get("batch_in_epoch", 0)
         self.global_step, self.best_pgd = state["global_step"], state.get("best_pgd", -1.0)
         if self.d.is_main:

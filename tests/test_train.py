@@ -214,3 +214,12 @@ def test_a_corrupt_jpeg_met_mid_epoch_is_named(demo_root, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert str(victim) in proc.stderr and "dist_free.data verify" in proc.stderr
     assert no_worker_traceback(proc.stderr)
+
+
+def test_resuming_with_a_different_model_is_refused_clearly(demo_root, tmp_path):
+    assert_ok(run_cmd([sys.executable, "-m", "dist_free.train",
+                       *demo_args(demo_root, tmp_path)], tmp_path))
+    proc = run_cmd([sys.executable, "-m", "dist_free.train",
+                    *demo_args(demo_root, tmp_path, "model.name=preact_resnet18")], tmp_path)
+    assert proc.returncode == 2 and "does not fit this run's config" in proc.stderr
+    assert "last.pt" in proc.stderr and no_worker_traceback(proc.stderr)
