@@ -7,6 +7,7 @@ colour alone does not give the class away. The split is a fixed-seed, per-class 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 from .errors import DataError
 
+MARKER = ".dist_free_demo.json"  # the recipe a finished demo folder was written with
 DEMO_SIZE = 48  # 8x8 digits x6; the demo trains at 32 px (val: shorter side 36, centre 32)
 
 
@@ -41,6 +43,10 @@ def write_demo(out: str | Path, size: int = DEMO_SIZE, val_fraction: float = 0.2
     from sklearn.datasets import load_digits  # a dev dependency, needed only here
 
     out = Path(out)
+    recipe = {"size": size, "val_fraction": val_fraction, "seed": seed}
+    marker = out / MARKER
+    if marker.is_file() and json.loads(marker.read_text())["recipe"] == recipe:
+        return json.loads(marker.read_text())["counts"]     # already written: rerunning is safe
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not empty; choose a new folder for the demo")
     digits = load_digits()
@@ -53,4 +59,6 @@ def write_demo(out: str | Path, size: int = DEMO_SIZE, val_fraction: float = 0.2
         folder.mkdir(parents=True, exist_ok=True)
         tinted(pixels, rng, size).save(folder / f"{index:04d}.JPEG", quality=95)
         counts[split] += 1
+    # Written last: a folder without it is an interrupted write, not a finished demo.
+    marker.write_text(json.dumps({"recipe": recipe, "counts": counts}))
     return counts

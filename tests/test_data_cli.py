@@ -45,9 +45,19 @@ def test_demo_is_the_same_for_the_same_seed(demo, tmp_path):
     assert (demo / sample).read_bytes() == (tmp_path / "again" / sample).read_bytes()
 
 
-def test_demo_refuses_to_overwrite_a_folder(demo, capsys):
-    assert main(["demo", str(demo)]) == 2
+def test_demo_refuses_to_overwrite_a_folder(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("user data")
+    assert main(["demo", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_rerunning_the_demo_command_keeps_the_finished_demo(demo, capsys):
+    before = {p: p.stat().st_mtime_ns for p in demo.rglob("*.JPEG")}
+    assert main(["demo", str(demo)]) == 0
+    assert "wrote 1438 train and 359 val" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in demo.rglob("*.JPEG")} == before
+    assert main(["demo", str(demo), "--seed", "1"]) == 2       # a different recipe: refused
 
 
 def test_demo_loads_with_the_demo_geometry(demo):
