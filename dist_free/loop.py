@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_free import checkpoint, distributed, runtime
+from pipelines.crash_notes import check_crash_note
 from dist_free.config import Config, ConfigError, flatten, to_yaml
 from dist_free.distributed import DistInfo
 from dist_free.evaluate import evaluate
@@ -69,6 +70,8 @@ class Run:
         runtime.seed_everything(cfg.run.seed + d.rank)   # each rank its own augmentations/noise
         train_loader = runtime.build_loader(cfg, d, "train", state and state.get("class_to_idx"))
         val_loader = runtime.build_loader(cfg, d, "val", train_loader.class_to_idx)
+        for split, loader in (("train", train_loader), ("val", val_loader)):
+            watch_decoder(loader, run_dir / f".decoding_{split}_rank{d.rank}.json")
         model = runtime.build_bare_model(cfg, d.device)
         optimizer = runtime.build_optimizer(cfg, model, d.world_size)
         amp_dtype = runtime.resolve_amp(cfg.run.amp, d.device)
@@ -125,6 +128,15 @@ class Run:
         if not self.d.is_main or step <= self.logged_through:
             return
         self.tracker.log_metrics(metrics, step)
+
+
+def watch_decoder(loader, note: Path) -> None:
+    """Name the file if the last run's decoder crashed on it; keep notes for the next start."""
+    if not hasattr(loader, "crash_note"):
+        return
+    check_crash_note(note)
+    note.parent.mkdir(parents=True, exist_ok=True)
+    loader.crash_note = note
 
 
 def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:

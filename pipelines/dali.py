@@ -9,10 +9,13 @@ rebuilt each epoch: it costs well under a second and a pipeline that failed is u
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from .crash_notes import clear_note, note_in_flight
 from .errors import DataError
 from .loader import Augment, ShardedLoader
 from .verify import FATAL, check_file
@@ -59,6 +62,8 @@ class DaliLoader(ShardedLoader):
         super().__init__(*args, **kwargs)
         self.gpu, self.num_threads = gpu, num_threads
         self.kind = "dali-gpu" if gpu else "dali-cpu"
+        # Where to note the files being decoded (set by the trainer); see crash_notes.py.
+        self.crash_note: Path | None = None
 
     def build(self, files, labels) -> DALIGenericIterator:
         dtype = DALI_DTYPES.get(self.format.dtype, types.FLOAT)  # others converted afterwards
@@ -78,15 +83,20 @@ class DaliLoader(ShardedLoader):
         if not files:
             return
         done = 0
+        window = (PREFETCH + 2) * self.batch_size
         try:
+            note_in_flight(self.crash_note, files[:window])
             for out in self.build(files, labels):
                 images = out[0]["images"]
                 if self.format.channels_last:  # DALI gave NHWC; this view is NCHW channels_last
                     images = images.permute(0, 3, 1, 2)
                 done += 1
+                note_in_flight(self.crash_note, files[done * self.batch_size:][:window])
                 yield images, out[0]["labels"]
         except RuntimeError as err:
             raise self.explain(err, files, done) from err
+        finally:
+            clear_note(self.crash_note)
 
     def explain(self, err: RuntimeError, files, done: int) -> DataError:
         """DALI's decode errors name no file; find the culprit among the batches in flight."""

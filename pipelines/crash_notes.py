@@ -1,0 +1,50 @@
+"""Naming the file that crashed the decoder, on the next start.
+
+DALI's CPU decoder (nvImageCodec, DALI 2.4) sometimes dies with a segmentation fault on a
+truncated or non-image file instead of raising: no Python code runs after that, so the error
+cannot name the file. The loader therefore keeps a small note of the files it has handed to the
+decoder and not yet received back (the prefetch window), replaced at every batch and removed when
+the epoch ends or fails cleanly. A note still there at start-up means the last run died while
+decoding those files; `check_crash_note` inspects them and names the culprit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import DataError
+from .verify import FATAL, check_file
+
+
+def note_in_flight(note: Path | None, files) -> None:
+    if note is None:
+        return
+    tmp = note.with_name(note.name + ".tmp")
+    tmp.write_text(json.dumps([str(f) for f in files]))
+    os.replace(tmp, note)      # a crash mid-write leaves the previous note whole
+
+
+def clear_note(note: Path | None) -> None:
+    if note is not None:
+        note.unlink(missing_ok=True)
+
+
+def check_crash_note(note: Path) -> None:
+    """Raise DataError naming the bad files if the previous run died while decoding them."""
+    if not note.is_file():
+        return
+    try:
+        files = json.loads(note.read_text())
+    except ValueError:
+        files = []
+    bad = [p for p in map(check_file, files) if p is not None and p.kind in FATAL]
+    if not bad:
+        clear_note(note)       # the crash had another cause: nothing to blame on the data
+        return
+    raise DataError(
+        "the previous run died while decoding these files, and they are damaged: "
+        + "; ".join(str(p) for p in bad)
+        + ". Remove or replace them (`python -m dist_free.data verify ROOT` lists every bad file), "
+        f"then start again. (Noted in {note}.)")
