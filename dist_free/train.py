@@ -15,6 +15,7 @@ resumes from its last checkpoint when started again with the same run directory.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 from pathlib import Path
@@ -46,6 +47,9 @@ def setup_logging(is_main: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A native crash (e.g. in a decoder) still prints where Python was; the next start then
+    # names the file from the decoder's note (pipelines/crash_notes.py).
+    faulthandler.enable()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)   # before any process-group work
