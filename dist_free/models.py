@@ -5,7 +5,8 @@ pixel units, exactly as the paper states them.
 
 - torchvision ImageNet models by name (resnet50 is the paper's): resnet18/34/50/101/152,
   wide_resnet50_2, ... any `torchvision.models.get_model` name.
-- CIFAR-size nets: preact_resnet18, wrn32_10 (the paper's CIFAR WideResNet 32-10), wrn28_10, wrn16_4.
+- CIFAR-size nets: preact_resnet18, wrn32_10 (the paper's CIFAR WideResNet 32-10, = WRN-34-10),
+  wrn28_10, wrn16_4.
 - small_cnn: a few-layer CNN for the digits demo and tests.
 """
 
@@ -78,8 +79,9 @@ class PreActResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def wide_resnet(depth: int, widen: int, num_classes: int) -> PreActResNet:
-    n = (depth - 4) // 6
+def wide_resnet(blocks: int, widen: int, num_classes: int) -> PreActResNet:
+    """`blocks` residual blocks in each of 3 stages, widths 16/32/64 x widen."""
+    n = blocks
     return PreActResNet([16 * widen, 32 * widen, 64 * widen], [n, n, n], num_classes)
 
 
@@ -94,9 +96,12 @@ def small_cnn(num_classes: int, width: int = 32) -> nn.Module:
 SMALL_MODELS = {
     "small_cnn": small_cnn,
     "preact_resnet18": lambda n: PreActResNet([64, 128, 256, 512], [2, 2, 2, 2], n, stem=64),
-    "wrn32_10": lambda n: wide_resnet(32, 10, n),
-    "wrn28_10": lambda n: wide_resnet(28, 10, n),
-    "wrn16_4": lambda n: wide_resnet(16, 4, n),
+    # The paper's CIFAR "WRN-32-10" is Madry et al.'s net: 5 blocks per stage (6n + 2 = 32),
+    # ~46 M parameters; the same net is also called WRN-34-10 (6n + 4).
+    "wrn32_10": lambda n: wide_resnet(5, 10, n),
+    "wrn34_10": lambda n: wide_resnet(5, 10, n),
+    "wrn28_10": lambda n: wide_resnet(4, 10, n),
+    "wrn16_4": lambda n: wide_resnet(2, 4, n),
 }
 
 
