@@ -365,3 +365,13 @@ def test_readme_commands_match_compose_and_dockerfile(readme, compose):
     for config in re.findall(r"--config\s+(\S+)", block):
         assert config.startswith(IMAGE_CONFIGS), config
         assert (REPO / "configs" / config[len(IMAGE_CONFIGS):]).is_file(), config
+
+
+def test_the_commit_build_arg_comes_after_every_dependency_install():
+    # Each RUN after an ARG sees it: an early GIT_COMMIT would reinstall torch's neighbours on
+    # every commit. The commit must reach MLflow's tag through DIST_FREE_GIT_COMMIT.
+    lines = [l.strip() for l in DOCKERFILE.read_text().splitlines()]
+    arg = next(i for i, l in enumerate(lines) if l.startswith("ARG GIT_COMMIT"))
+    installs = [i for i, l in enumerate(lines) if l.startswith("RUN") and "install" in l]
+    assert installs and arg > max(installs)
+    assert "ENV DIST_FREE_GIT_COMMIT=${GIT_COMMIT}" in lines[arg:]
