@@ -91,15 +91,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank src's Python object on every rank (e.g. a decision only rank 0 can make)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def gather_to_main(t: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's same-shaped tensor, on rank 0 only (others get []): checkpointing per-rank
     perturbation buffers without every rank holding world_size copies."""

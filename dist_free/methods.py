@@ -105,7 +105,3 @@ def build_method(name: str, model: torch.nn.Module, optimizer: torch.optim.Optim
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name](model, optimizer, **options)
 
-
-def passes_per_step(name: str, replays: int = 1, steps: int = 7) -> int:
-    """Forward/backward passes per SGD step, for cost accounting (PGD-k: k + 1)."""
-    return {"natural": 1, "free": 1, "fast": 2, "pgd": steps + 1}[name]

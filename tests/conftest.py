@@ -43,3 +43,12 @@ def digits_model():
             torch.nn.functional.cross_entropy(model(x[i:i + 50]), y[i:i + 50]).backward()
             opt.step()
     return model.eval(), x[500:], y[500:]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """The README's demo dataset (digits as JPEGs), written once per test session."""
+    from pipelines.demo import write_demo
+    root = tmp_path_factory.mktemp("demo") / "digits"
+    write_demo(root)
+    return root

@@ -7,7 +7,6 @@ import pytest
 
 from pipelines import DataError, build_loader
 from pipelines.crash_notes import check_crash_note
-from test_train import demo_root  # noqa: F401
 
 
 def test_a_note_left_by_a_crash_names_the_damaged_file(demo_root, tmp_path):

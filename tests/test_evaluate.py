@@ -10,7 +10,7 @@ import torch
 from dist_free import checkpoint
 from dist_free.config import load_config
 from dist_free.models import build_model
-from test_train import ROOT, demo_root, probe_env, torchrun  # noqa: F401
+from test_train import ROOT, probe_env, torchrun
 
 pytestmark = pytest.mark.slow
 

@@ -22,14 +22,6 @@ QUICK = ["optim.epochs=4", "eval.max_batches=2", "eval.steps=2", "data.batch_siz
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from pipelines.demo import write_demo
-    root = tmp_path_factory.mktemp("demo") / "digits"
-    write_demo(root)
-    return root
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
