@@ -91,6 +91,18 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP syncs them at the start of each forward, and every rank then updates its own copy, so
+    after training they differ slightly; evaluating every val shard with rank 0's makes the
+    all-reduced accuracy that of the model the checkpoint holds.
+    """
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_to_main(t: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's same-shaped tensor, on rank 0 only (others get []): checkpointing per-rank
     perturbation buffers without every rank holding world_size copies."""

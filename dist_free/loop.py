@@ -282,6 +282,7 @@ def validate(run: Run) -> dict:
     """Clean top-1/top-5 and PGD accuracy on the whole val set; logged and written to a report."""
     cfg = run.cfg
     t = time.perf_counter()
+    distributed.broadcast_buffers(run.model)
     result = evaluate(run.model, run.val_loader, eps_values=[cfg.eval_eps], steps=cfg.eval.steps,
                       step_size=cfg.eval.step_size, restarts=cfg.eval.restarts,
                       amp_dtype=run.amp_dtype, max_batches=cfg.eval.max_batches)

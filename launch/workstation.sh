@@ -2,7 +2,7 @@
 # One machine, several GPUs (default 4): torchrun's standalone rendezvous on a free local port.
 #
 #   launch/workstation.sh                                  # ImageNet preset, 4 GPUs
-#   DATA=/datasets/imagenet NPROC_PER_NODE=8 launch/workstation.sh train.epochs=10
+#   DATA=/datasets/imagenet NPROC_PER_NODE=8 launch/workstation.sh optim.epochs=10
 #   CONFIG=configs/demo.yaml NPROC_PER_NODE=2 launch/workstation.sh
 #
 # Environment: CONFIG, NPROC_PER_NODE, DATA, RUN_DIR (see launch/common.sh). Arguments are

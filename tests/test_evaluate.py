@@ -59,3 +59,26 @@ def test_a_bad_checkpoint_gives_a_clear_error(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+
+def _broadcast_worker(rank, port, out):
+    import torch.distributed as dist
+    from dist_free.distributed import broadcast_buffers
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    model = build_model("small_cnn", 10)
+    for buffer in model.buffers():
+        buffer.fill_(rank + 1)              # ranks' BatchNorm statistics drift apart in training
+    broadcast_buffers(model)
+    torch.save([b.clone() for b in model.buffers()], out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_evaluation_uses_rank_0s_batchnorm_statistics_on_every_rank(tmp_path):
+    """So the all-reduced accuracy is that of the model the checkpoint holds (rank 0's)."""
+    from test_train import free_port
+    torch.multiprocessing.spawn(_broadcast_worker, args=(free_port(), tmp_path), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1))
+    assert all(bool((b == 1).all()) for b in r1)
