@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 import signal
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_free import checkpoint, distributed, runtime
+from dist_free import checkpoint, distributed, environment, runtime
 from pipelines.crash_notes import check_crash_note
 from dist_free.config import Config, ConfigError, flatten, to_yaml
 from dist_free.distributed import DistInfo
@@ -266,16 +265,9 @@ class Window:
         metrics = {"train/loss": loss / n, "train/adv_acc": correct / n,
                    "perf/images_per_s": n / elapsed, "perf/passes_per_s": n * replays / elapsed,
                    "perf/data_wait_frac": min(self.waited / elapsed, 1.0),
-                   "perf/peak_mem_gb": peak_memory_gb(self.device)}
+                   "perf/peak_mem_gb": environment.peak_memory_bytes(self.device) / 2**30}
         self.reset()
         return metrics, stops > 0
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: peak allocated tensors; CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
 
 
 def validate(run: Run) -> dict:

@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_free import bench_data, bench_report, bench_timing
+from dist_free.bench import pipeline as bench_data
+from dist_free.bench import report as bench_report
+from dist_free.bench import timing as bench_timing
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("step", "update", "pipeline", "e2e", "memory", "scaling")

@@ -13,9 +13,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from dist_free.tracking import (NullTracker, Tracker, build_tracker, environment_tags, flatten,
-                                main)
-from dist_free.tracking_unsent import UNSENT_FILE
+from dist_free.config import flatten
+from dist_free.tracking import NullTracker, Tracker, build_tracker, environment_tags
+from dist_free.tracking.__main__ import main
+from dist_free.tracking.unsent import UNSENT_FILE
 
 CONFIG = {"model": {"arch": "resnet50", "eps": 4 / 255},
           "train": {"replays": 4, "lr": {"peak": 0.1, "milestones": [30, 60]}},

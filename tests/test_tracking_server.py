@@ -18,7 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from dist_free.tracking import build_tracker
-from dist_free.tracking_unsent import UNSENT_FILE
+from dist_free.tracking.unsent import UNSENT_FILE
 
 KEYS = ("train/loss", "train/adv_acc", "lr")
 

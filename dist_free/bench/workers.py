@@ -4,8 +4,8 @@ Each measurement needs a process of its own: a CPU process's peak RSS only ever 
 natural training must not share one; DDP needs torchrun's ranks. The parent starts them with
 `spawn_memory` / `spawn_ddp` and reads back one JSON file each.
 
-    python -m dist_free.bench_workers memory --method free --model resnet18 ... --out F.json
-    torchrun --nproc_per_node=2 -m dist_free.bench_workers ddp --model small_cnn ... --out F.json
+    python -m dist_free.bench.workers memory --method free --model resnet18 ... --out F.json
+    torchrun --nproc_per_node=2 -m dist_free.bench.workers ddp --model small_cnn ... --out F.json
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -22,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_free import distributed
-from dist_free.bench_timing import DTYPES, make_batch, sync
+from dist_free import distributed, environment
+from dist_free.bench.timing import DTYPES, make_batch, sync
 from dist_free.methods import build_method
 from dist_free.models import build_model
 
@@ -83,8 +82,7 @@ def memory_worker(a: argparse.Namespace) -> dict:
     sync(device)
     buffers = [getattr(method, "_delta", None), getattr(method, "_x_adv", None)]
     buffer_bytes = sum(t.numel() * t.element_size() for t in buffers if t is not None)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = environment.peak_memory_bytes(device)
     return {"method": a.method, "peak_bytes": peak, "baseline_bytes": baseline,
             "buffer_bytes": buffer_bytes,
             "measure": "max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss)"}
@@ -93,7 +91,7 @@ def memory_worker(a: argparse.Namespace) -> dict:
 def spawn_memory(methods: list[str], cfg: dict, workdir: Path, threads: int) -> dict:
     """One child per method, run at the same time: peak memory does not mind sharing the cores."""
     outs = {m: workdir / f"memory_{m}.json" for m in methods}
-    procs = {m: start_child([sys.executable, "-m", "dist_free.bench_workers", "memory", "--method",
+    procs = {m: start_child([sys.executable, "-m", "dist_free.bench.workers", "memory", "--method",
                              m, "--out", str(out)] + worker_flags(cfg), threads)
              for m, out in outs.items()}
     return {m: finish_child(procs[m], outs[m], timeout=600) for m in methods}
@@ -173,7 +171,7 @@ def measure_rank(a, d) -> dict:
 def single_process(cfg: dict) -> dict:
     """World size 1 in this very process (no DDP, no launcher): the baseline per-rank rate."""
     a = parse_args(["ddp", "--out", "-"] + worker_flags(cfg))
-    device = distributed.pick_device(a.device, 0)
+    device = environment.resolve_device(a.device)
     return {"world_size": 1, "ranks": [measure_rank(a, distributed.DistInfo(device=device))],
             "threads_per_rank": torch.get_num_threads(), "backend": None}
 
@@ -196,7 +194,7 @@ def ddp_worker(a: argparse.Namespace) -> dict | None:
 def spawn_ddp(world_size: int, cfg: dict, workdir: Path, cores: int) -> dict:
     out = workdir / f"ddp_{world_size}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world_size}", "-m", "dist_free.bench_workers", "ddp",
+           f"--nproc_per_node={world_size}", "-m", "dist_free.bench.workers", "ddp",
            "--out", str(out)] + worker_flags(cfg)
     return run_child(cmd, out, max(1, cores // world_size), timeout=600)
 
@@ -204,7 +202,7 @@ def spawn_ddp(world_size: int, cfg: dict, workdir: Path, cores: int) -> dict:
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_free.bench_workers")
+    p = argparse.ArgumentParser(prog="python -m dist_free.bench.workers")
     p.add_argument("kind", choices=["memory", "ddp"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--method", default="free")

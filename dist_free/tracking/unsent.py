@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from dist_free.tracking_sender import RunTarget, open_run, send
+from dist_free.tracking.sender import RunTarget, open_run, send
 
 UNSENT_FILE = "mlflow_unsent.jsonl"
 UNSENT_MODELS = "mlflow_unsent_models"

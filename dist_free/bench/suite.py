@@ -22,10 +22,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from dist_free import bench_data, bench_timing, bench_workers
-from dist_free.bench_report import format_table, update_results_md
+from dist_free import environment
+from dist_free.bench import pipeline, timing, workers
+from dist_free.bench.report import format_table, update_results_md
 
 PARTS = ("step", "update", "pipeline", "e2e", "memory", "scaling")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -77,11 +75,10 @@ def quick_defaults() -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
+    try:
+        return environment.resolve_device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"bench: --device {name}: {e}") from None
 
 
 def build_config(a: argparse.Namespace) -> BenchConfig:
@@ -91,9 +88,9 @@ def build_config(a: argparse.Namespace) -> BenchConfig:
                                     repeats=a.repeats, jpegs=a.jpegs).items() if v is not None}
     if a.dtype:
         chosen["dtypes"] = a.dtype.split(",")
-    unknown = [d for d in chosen.get("dtypes", []) if d not in bench_timing.DTYPES]
+    unknown = [d for d in chosen.get("dtypes", []) if d not in timing.DTYPES]
     if unknown:
-        raise SystemExit(f"bench: --dtype {unknown} not one of {sorted(bench_timing.DTYPES)}")
+        raise SystemExit(f"bench: --dtype {unknown} not one of {sorted(timing.DTYPES)}")
     parts = a.parts.split(",") if a.parts else list(PARTS)
     if set(parts) - set(PARTS):
         raise SystemExit(f"bench: --parts {sorted(set(parts) - set(PARTS))} not among {PARTS}")
@@ -106,68 +103,42 @@ def build_config(a: argparse.Namespace) -> BenchConfig:
 
 # ---------------------------------------------------------------- environment
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return commit + ("+dirty" if dirty else "")
-
-
-def device_label(device: torch.device) -> str:
-    """What every figure is tagged with: the GPU's name, or the CPU model and its core count."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"{cpu_model()}, {os.cpu_count()} cores"
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        import nvidia.dali as dali
-        dali_version = dali.__version__
-    except ImportError:
-        dali_version = None
-    return {"device": device_label(device), "device_type": device.type,
-            "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+def environment_record(device: torch.device) -> dict:
+    commit, dirty = environment.git_commit()
+    v = environment.versions()
+    return {"device": environment.device_label(device), "device_type": device.type,
+            "cpu": environment.cpu_model(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "dali": dali_version, "python": platform.python_version(),
-            "commit": git_commit(), "command": "python -m dist_free.bench " + shlex.join(sys.argv[1:]),
+            "torch": v["torch"], "dali": v["dali"], "python": v["python"],
+            "commit": commit[:12] + ("+dirty" if dirty else ""),
+            "command": "python -m dist_free.bench " + shlex.join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 # ---------------------------------------------------------------- sections
 
 def part_step(cfg: BenchConfig, device, _workdir) -> dict:
-    return {dtype: bench_timing.step_cost(cfg.model, cfg.image_size, cfg.batch, dtype, device,
+    return {dtype: timing.step_cost(cfg.model, cfg.image_size, cfg.batch, dtype, device,
                                           cfg.channels_last, cfg.replays, cfg.repeats)
             for dtype in cfg.dtypes}
 
 
 def part_update(cfg: BenchConfig, device, _workdir) -> dict:
     # The paper's setting: fp32 buffer, gradient and next input in the activation dtype (bf16).
-    return bench_timing.update_cost(tuple(cfg.update_shape), torch.bfloat16, device,
+    return timing.update_cost(tuple(cfg.update_shape), torch.bfloat16, device,
                                     cfg.repeats, calls=1)
 
 
 def part_pipeline(cfg: BenchConfig, device, workdir: Path) -> dict:
-    root = bench_data.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
-    return bench_data.pipeline_throughput(root, cfg.batch, cfg.image_size, device,
+    root = pipeline.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
+    return pipeline.pipeline_throughput(root, cfg.batch, cfg.image_size, device,
                                           os.cpu_count() or 1, max(1, min(cfg.repeats, 3)))
 
 
 def part_e2e(cfg: BenchConfig, device, workdir: Path) -> dict:
-    root = bench_data.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
-    return bench_data.end_to_end(root, cfg.model, cfg.image_size, cfg.batch, cfg.dtypes[0], device,
+    root = pipeline.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
+    return pipeline.end_to_end(root, cfg.model, cfg.image_size, cfg.batch, cfg.dtypes[0], device,
                                  cfg.channels_last, cfg.replays, os.cpu_count() or 1,
                                  cfg.e2e_batches, max(1, min(cfg.repeats, 2)))
 
@@ -180,7 +151,7 @@ def worker_cfg(cfg: BenchConfig, **overrides) -> dict:
 
 def part_memory(cfg: BenchConfig, device, workdir: Path) -> dict:
     w = worker_cfg(cfg)
-    runs = bench_workers.spawn_memory(["natural", "free"], w, workdir, cfg.threads)
+    runs = workers.spawn_memory(["natural", "free"], w, workdir, cfg.threads)
     free, natural = runs["free"], runs["natural"]
     return {**runs, "settings": w, "free_vs_natural_peak": free["peak_bytes"] / natural["peak_bytes"],
             "buffer_share_of_peak": free["buffer_bytes"] / free["peak_bytes"],
@@ -193,8 +164,8 @@ def part_scaling(cfg: BenchConfig, device, workdir: Path) -> dict:
     # One rank per GPU (NCCL will not put two on one GPU); a CPU runs two gloo ranks on its cores.
     gpus = torch.cuda.device_count() if device.type == "cuda" else 2
     worlds = sorted({n for n in (2, gpus) if 1 < n <= gpus})
-    runs = {"1": bench_workers.single_process(w)}
-    runs.update({str(n): bench_workers.spawn_ddp(n, w, workdir, os.cpu_count() or 1)
+    runs = {"1": workers.single_process(w)}
+    runs.update({str(n): workers.spawn_ddp(n, w, workdir, os.cpu_count() or 1)
                  for n in worlds})
     base = runs["1"]["ranks"][0]["free"]["images_per_s_per_rank"]
     for n, run in runs.items():
@@ -210,12 +181,12 @@ SECTIONS = {"step": part_step, "update": part_update, "pipeline": part_pipeline,
 
 def run_suite(cfg: BenchConfig, log=print) -> dict:
     device = torch.device(cfg.device)
-    result = {"environment": environment(device), "config": asdict(cfg)}
+    result = {"environment": environment_record(device), "config": asdict(cfg)}
     with tempfile.TemporaryDirectory(prefix="dist_free_bench_") as tmp:
         for part in cfg.parts:
             log(f"bench: {part} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            result[part] = {"device": device_label(device), **SECTIONS[part](cfg, device, Path(tmp))}
+            result[part] = {"device": environment.device_label(device), **SECTIONS[part](cfg, device, Path(tmp))}
             result[part]["wall_s"] = time.perf_counter() - start
     return result
 
@@ -250,15 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(result)
     print(table)
     name = slug(result["environment"]["device"]) + ("-quick" if cfg.quick else "")
-    out = a.out or REPO / "bench" / "results" / f"{name}.json"
+    out = a.out or environment.REPO / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {out}", file=sys.stderr)
     if a.results_md:
-        shown = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
+        repo = environment.REPO
+        shown = out.resolve().relative_to(repo) if out.resolve().is_relative_to(repo) else out
         update_results_md(a.results_md, result, table, shown)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""MLflow tracking for the trainer: rank 0 only, asynchronous, survives tracking-server outages.
+"""Rank 0's MLflow run behind a queue: asynchronous, survives tracking-server outages.
 
     tracker = build_tracker(enabled=True, uri=None, experiment="dist-free", run_name="r50",
                             run_dir=Path("runs/r50"), rank=rank, run_id=ckpt.get("mlflow_run_id"))
@@ -19,25 +19,18 @@ directory: ./mlflow.db (SQLite) and ./mlartifacts; `launch/mlflow_ui.sh` opens t
 
 from __future__ import annotations
 
-import argparse
 import copy
-import importlib.metadata
 import logging
 import os
-import platform
-import shlex
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
-from dist_free.config import flatten  # noqa: F401  (re-exported: the trainer's params)
-from dist_free.tracking_sender import RunTarget, is_permanent, open_run, send
-from dist_free.tracking_unsent import UNSENT_FILE, dump, replay, replay_command
+from dist_free.tracking.sender import RunTarget, is_permanent, open_run, send
+from dist_free.tracking.system_metrics import SystemSampler
+from dist_free.tracking.unsent import UNSENT_FILE, dump, replay_command
 
 log = logging.getLogger("dist_free.tracking")
 
@@ -55,7 +48,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# ---------------------------------------------------------------- params, tags, environment
+# ---------------------------------------------------------------- params and tags
 
 def _clip(text: str, limit: int, what: str) -> str:
     if len(text) <= limit:
@@ -67,66 +60,6 @@ def _clip(text: str, limit: int, what: str) -> str:
 def _stringify(values: Mapping, value_limit: int, what: str) -> dict[str, str]:
     return {_clip(str(k), MAX_KEY, f"{what} key"): _clip(str(v), value_limit, f"{what} {k}")
             for k, v in values.items()}
-
-
-def _git_commit() -> tuple[str, str]:
-    """(commit, dirty) of the source tree this package runs from; env var for images without git."""
-    baked = os.environ.get("DIST_FREE_GIT_COMMIT")
-    if baked:
-        return baked, "unknown"
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=repo, capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", "unknown"
-    return commit, str(bool(status.strip())).lower()
-
-
-def _dali_version() -> str:
-    # Read the installed distribution rather than import DALI: importing it costs seconds.
-    for dist in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "none"
-
-
-def _device_names() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    return f"cpu ({platform.processor() or platform.machine()})"
-
-
-def _launch_command() -> str:
-    command = shlex.join(getattr(sys, "orig_argv", sys.argv))
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: the agent holds the real command
-        try:
-            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-            command = shlex.join(a.decode() for a in raw.split(b"\0") if a)
-        except OSError:
-            pass
-    return command
-
-
-def environment_tags(world_size: int) -> dict[str, str]:
-    """Run tags: git commit, world size, devices, torch/CUDA/DALI versions, the launch command."""
-    import mlflow
-    import torch
-
-    commit, dirty = _git_commit()
-    return {
-        "mlflow.source.git.commit": commit, "git.dirty": dirty,
-        "world_size": str(world_size), "devices": _device_names(), "host": socket.gethostname(),
-        "version.torch": torch.__version__, "version.cuda": str(torch.version.cuda),
-        "version.dali": _dali_version(), "version.mlflow": mlflow.__version__,
-        "version.python": platform.python_version(), "launch.command": _launch_command(),
-    }
 
 
 # ---------------------------------------------------------------- trackers
@@ -335,7 +268,7 @@ class Tracker(NullTracker):
         log.info("MLflow run %s at %s%s", self._target.run_id, self._target.uri,
                  " (resumed)" if self._target.resumed else "")
         if self._want_system and self._sampler is None and not self._closing.is_set():
-            self._sampler = _SystemSampler(self, self._target.start_ms)
+            self._sampler = SystemSampler(self, self._target.start_ms)
 
     def _send_next(self, client) -> None:
         with self._cond:
@@ -377,55 +310,6 @@ def _cpu_copy(model):
     return copy.deepcopy(model).cpu().eval()
 
 
-class _SystemSampler:
-    """MLflow's own system-metrics collectors (CPU, memory, disk, network, GPU), queued like
-    every other metric. MLflow's SystemMetricsMonitor thread would log them itself, but it stops
-    for good at its first failed request; through the queue they survive an outage.
-    Step = whole seconds since the run started, so a resumed run continues the same axis.
-    The sampling interval follows MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (MLflow's default: 10 s).
-    """
-
-    def __init__(self, tracker: Tracker, start_ms: int):
-        self._tracker, self._start_ms = tracker, start_ms
-        self._stop = threading.Event()
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(run_id=None,
-                                                 tracking_uri=tracker._target.uri)
-        except Exception as exc:  # noqa: BLE001 - psutil missing: tracking goes on without them
-            log.warning("MLflow system metrics off (%s); install psutil (and nvidia-ml-py for "
-                        "GPUs)", exc)
-            self._thread = None
-            return
-        self._thread = threading.Thread(target=self._loop, name="mlflow-system-metrics",
-                                        daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        monitor, samples = self._monitor, 0
-        while not self._stop.wait(float(monitor.sampling_interval)):
-            try:
-                monitor.collect_metrics()
-                samples += 1
-                if samples < int(monitor.samples_before_logging):
-                    continue
-                values = monitor.aggregate_metrics()
-                for m in monitor.monitors:
-                    m.clear_metrics()
-            except Exception as exc:  # noqa: BLE001 - a flaky sensor must not end the run
-                log.debug("system metrics sample failed: %s", exc)
-                continue
-            samples, now = 0, _now_ms()
-            self._tracker.log_metrics({f"system/{k}": v for k, v in values.items()},
-                                      step=(now - self._start_ms) // 1000, timestamp_ms=now)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
 # ---------------------------------------------------------------- construction
 
 def resolve_uri(uri: str | None) -> str:
@@ -463,31 +347,3 @@ def build_tracker(enabled: bool, uri: str | None, experiment: str, run_name: str
     target = RunTarget(uri=uri, experiment=experiment, run_name=run_name, start_ms=_now_ms(),
                        artifact_location=artifact_location, run_id=run_id)
     return Tracker(target, run_dir, system_metrics=system_metrics, start_timeout=start_timeout)
-
-
-# ---------------------------------------------------------------- replay CLI
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_free.tracking",
-                                     description="MLflow tracking utilities.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    rep = commands.add_parser("replay", help=f"send RUN_DIR/{UNSENT_FILE} to MLflow")
-    rep.add_argument("run_dir", type=Path)
-    rep.add_argument("--uri", help="tracking URI (default: the one the run was logging to)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        left = replay(args.run_dir, args.uri)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if left:
-        print(f"{left} items still unsent; they remain in {args.run_dir / UNSENT_FILE}",
-              file=sys.stderr)
-        return 1
-    print(f"all unsent MLflow items from {args.run_dir} delivered")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import pipelines
-from dist_free.bench_timing import DTYPES, sync, target
+from dist_free.bench.timing import DTYPES, sync, target
 from dist_free.methods import build_method
 from dist_free.models import build_model
 

@@ -1,0 +1,6 @@
+"""Benchmarks: `python -m dist_free.bench` measures what free training costs on this machine.
+
+Modules: suite (the CLI, its parts and configuration), timing (interleaved timing, step and
+update costs, the copy-bandwidth reference), pipeline (decode throughput, end to end on JPEGs),
+workers (child processes: peak memory, DDP scaling), report (Markdown tables, RESULTS.md).
+"""
