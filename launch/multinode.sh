@@ -5,7 +5,9 @@
 #   RDZV_ENDPOINT=node0:29400 NNODES=2 DATA=/datasets/imagenet launch/multinode.sh
 #
 # Environment (besides CONFIG, NPROC_PER_NODE, DATA, RUN_DIR from launch/common.sh):
-#   RDZV_ENDPOINT  host:port of the rendezvous, reachable from every node (required)
+#   RDZV_ENDPOINT  host:port of the rendezvous, reachable from every node (required). This port
+#                  and the store's MASTER_PORT accept anyone who connects (no authentication):
+#                  keep them on the cluster's private network, never on a public interface.
 #   NNODES         node count, or MIN:MAX for an elastic job (default 2)
 #   RDZV_ID        job id shared by all nodes of one run (default dist-free)
 #   MAX_RESTARTS   times torchrun restarts the whole group after a failure; the trainer resumes

@@ -5,6 +5,7 @@ against what they promise; docker/install-deps.sh is run for real (offline, dry 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,10 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "compose.yaml"
 READMES = [REPO / "docker" / "README.md", REPO / "README.md"]
 IMAGE_CONFIGS = "/opt/dist-free/configs/"
+# Every file that tells a user how to start a container or a job.
+DOCUMENTED = [*READMES, DOCKERFILE, COMPOSE, *sorted((REPO / "launch").iterdir())]
+# The trainer's promise: after SIGTERM it saves and exits in well under this many seconds.
+TRAINER_STOP_S = 30
 
 
 # ---- reading the Dockerfile ----------------------------------------------------------------
@@ -63,6 +68,13 @@ def dockerfile_cmd(stages):
     return exec_form(cmd)
 
 
+def dockerfile_env(stages):
+    """The runtime stage's ENV, as the container sees it."""
+    pairs = [kv.split("=", 1) for i, a in final_stage(stages) if i == "ENV"
+             for kv in shlex.split(a)]
+    return dict(pairs)
+
+
 # ---- hadolint ------------------------------------------------------------------------------
 
 def test_dockerfile_passes_hadolint_without_warnings():
@@ -82,12 +94,20 @@ def test_every_hadolint_ignore_is_explained():
 
 # ---- the image -----------------------------------------------------------------------------
 
-def test_base_is_an_official_pytorch_cuda12_runtime_pinned_by_tag(stages):
+def test_base_is_an_official_pytorch_cuda12_runtime_pinned_by_digest(stages):
     args = dict(a.split("=", 1) for i, a in stages[0][1] if i == "ARG" and "=" in a)
     base = args["BASE_IMAGE"]
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", base), base
+    # The tag for the reader, the digest for Docker: a re-pushed tag cannot change the build.
+    pin = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda12\.\d+-cudnn9-runtime"
+                       r"@sha256:[0-9a-f]{64}", base)
+    assert pin, base
     froms = [a.split()[0] for _, instrs in stages[1:] for i, a in instrs if i == "FROM"]
     assert froms and all(f == "${BASE_IMAGE}" for f in froms), froms
+    # install-deps.sh keeps the base's torch, so that torch must satisfy the package's own pin.
+    from packaging.requirements import Requirement
+
+    torch = next(Requirement(r) for r in runtime_requirements() if Requirement(r).name == "torch")
+    assert torch.specifier.contains(pin[1]), (pin[1], str(torch))
 
 
 def test_runs_as_a_numeric_non_root_user(stages):
@@ -98,9 +118,11 @@ def test_runs_as_a_numeric_non_root_user(stages):
     assert created and f"--uid {uid}" in created[0]
 
 
-def test_entrypoint_is_torchrun_running_the_trainer_module(stages):
+def test_entrypoint_is_torchrun_under_tini_running_the_trainer_module(stages):
     (entry,) = [a for i, a in final_stage(stages) if i == "ENTRYPOINT"]
-    assert exec_form(entry) == ["torchrun"]
+    # tini as PID 1 forwards SIGTERM to torchrun and reaps orphans; -s keeps the reaping when
+    # something else is PID 1 (compose's `init: true`, `docker run --init`).
+    assert exec_form(entry) == ["tini", "-s", "--", "torchrun"]
     cmd = dockerfile_cmd(stages)
     i = cmd.index("-m")
     assert cmd[i + 1] == "dist_free.train" and cmd[i + 2] == "--config"
@@ -108,6 +130,20 @@ def test_entrypoint_is_torchrun_running_the_trainer_module(stages):
     assert (REPO / "configs" / cmd[i + 3][len(IMAGE_CONFIGS):]).is_file(), cmd[i + 3]
     copies = [a for i, a in final_stage(stages) if i == "COPY"]
     assert f"configs/ {IMAGE_CONFIGS}" in copies
+
+
+def test_tini_is_installed_while_the_stage_is_still_root(stages):
+    runtime = final_stage(stages)
+    user = next(n for n, (i, _) in enumerate(runtime) if i == "USER")
+    installs = [n for n, (i, a) in enumerate(runtime)
+                if i == "RUN" and re.search(r"apt-get install\b[^&]*\btini\b", a)]
+    assert installs and installs[0] < user, "apt-get needs root: install tini before USER"
+
+
+def test_image_gives_torchrun_a_shutdown_grace_beyond_the_trainer_stop(stages):
+    # torchrun SIGKILLs its workers this long after forwarding SIGTERM (30 s when unset).
+    grace = int(dockerfile_env(stages)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    assert grace > TRAINER_STOP_S
 
 
 def test_data_and_runs_are_volumes_and_the_workdir_is_the_runs_volume(stages):
@@ -143,10 +179,15 @@ def test_package_is_installed_from_a_wheel_without_touching_dependencies(stages)
 
 # ---- docker/install-deps.sh and docker/pyproject_requirements.py -------------------------------
 
-def test_pyproject_requirements_lists_runtime_deps_with_dali_cuda12():
+def runtime_requirements():
+    """pyproject's runtime requirements, as the image's dependency layer reads them."""
     proc = subprocess.run([sys.executable, "docker/pyproject_requirements.py", "pyproject.toml"],
                           cwd=REPO, capture_output=True, text=True, check=True)
-    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in proc.stdout.split()}
+    return proc.stdout.splitlines()
+
+
+def test_pyproject_requirements_lists_runtime_deps_with_dali_cuda12():
+    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in runtime_requirements()}
     assert {"torch", "torchvision", "nvidia-dali-cuda120", "mlflow", "pyyaml"} <= names
     assert "apex" not in names
 
@@ -347,6 +388,41 @@ def test_train_waits_for_a_healthy_server_and_reserves_all_gpus(compose):
     assert train["image"] == compose["services"]["mlflow"]["image"]
 
 
+def duration_s(value):
+    """Compose's duration syntax (1m30s, 60s, 2m) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?", str(value))
+    assert parts and any(parts.groups()), value
+    h, m, s = (int(g or 0) for g in parts.groups())
+    return 3600 * h + 60 * m + s
+
+
+def size_bytes(value):
+    """Docker's size syntax (16g, 16gb, 512m): binary units."""
+    number, unit = re.fullmatch(r"(\d+)([bkmg]?)b?", str(value).lower()).groups()
+    return int(number) * 1024 ** "bkmg".index(unit or "b")
+
+
+@pytest.mark.parametrize("service", ["mlflow", "train"])
+def test_services_run_with_an_init_no_capabilities_and_no_privilege_gain(compose, service):
+    svc = compose["services"][service]
+    assert svc["init"] is True
+    assert svc["cap_drop"] == ["ALL"] and not svc.get("cap_add")
+    assert "no-new-privileges:true" in svc["security_opt"]
+    assert not svc.get("privileged") and svc.get("ipc") != "host" and svc.get("pid") != "host"
+
+
+def test_train_keeps_the_image_entrypoint(compose, stages):
+    # An `entrypoint:` here would drop the image's tini and the subreaper with it.
+    assert "entrypoint" not in compose["services"]["train"]
+
+
+def test_train_stop_grace_outlasts_torchrun_and_the_trainer(compose, stages):
+    grace = int(dockerfile_env(stages)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    train = compose["services"]["train"]
+    assert duration_s(train["stop_grace_period"]) > grace > TRAINER_STOP_S
+    assert size_bytes(train["shm_size"]) >= 8 * 1024 ** 3   # DALI and NCCL; Docker gives 64 MB
+
+
 # ---- README --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
@@ -365,6 +441,29 @@ def test_readme_commands_match_compose_and_dockerfile(readme, compose):
     for config in re.findall(r"--config\s+(\S+)", block):
         assert config.startswith(IMAGE_CONFIGS), config
         assert (REPO / "configs" / config[len(IMAGE_CONFIGS):]).is_file(), config
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_documented_command_shares_the_host_ipc_namespace(path):
+    text = path.read_text()
+    assert not re.search(r"--ipc[= ]+host|\bipc:\s*[\"']?host", text), path
+
+
+def docker_run_flags(text):
+    """The `--flag=value` options of each `docker run` command in text (continuations joined)."""
+    commands = re.findall(r"docker run\b((?:[^\n]*\\\n)*[^\n]*)", text)
+    return [dict(re.findall(r"(--[\w-]+)=(\S+)", c)) for c in commands]
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
+def test_readme_docker_run_matches_the_compose_shm_and_stop_grace(readme, compose):
+    train = compose["services"]["train"]
+    runs = docker_run_flags(readme.read_text())
+    assert runs
+    for flags in runs:
+        assert size_bytes(flags["--shm-size"]) == size_bytes(train["shm_size"]), flags
+        # `docker stop` waits 10 s unless told otherwise: too short for a clean stop.
+        assert int(flags["--stop-timeout"]) == duration_s(train["stop_grace_period"]), flags
 
 
 def test_the_commit_build_arg_comes_after_every_dependency_install():

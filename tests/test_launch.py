@@ -21,13 +21,18 @@ SCRIPTS = [LAUNCH / "workstation.sh", LAUNCH / "multinode.sh", LAUNCH / "slurm.s
 SHELL_FILES = SCRIPTS + [LAUNCH / "common.sh"]
 MANIFEST = LAUNCH / "pytorchjob.yaml"
 IMAGE_CONFIGS = "/opt/dist-free/configs/"  # where docker/Dockerfile copies configs/
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+# The trainer's promise: after SIGTERM it saves and exits in well under this many seconds. Every
+# grace period between SIGTERM and SIGKILL (torchrun's, Slurm's, Kubernetes') must exceed it.
+TRAINER_STOP_S = 30
 
 # A fake torchrun: appends its argv and the environment it saw to $FAKE_LOG as one JSON line.
 FAKE_TORCHRUN = f"""#!{sys.executable}
 import json, os, sys
+seen = ("MLFLOW_TRACKING_URI", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps({{"tool": "torchrun", "argv": sys.argv[1:],
-                        "env": {{k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}}}}) + "\\n")
+                        "env": {{k: os.environ.get(k) for k in seen}}}}) + "\\n")
 """
 # A fake srun: logs its own options, then runs the command after them, as srun does on each node.
 FAKE_SRUN = f"""#!{sys.executable}
@@ -35,7 +40,7 @@ import json, os, sys
 args = sys.argv[1:]
 n = next(i for i, a in enumerate(args) if not a.startswith("-"))
 with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"tool": "srun", "argv": args[:n]}}) + "\\n")
+    f.write(json.dumps({{"tool": "srun", "argv": args[:n], "command": args[n:]}}) + "\\n")
 os.execvp(args[n], args[n:])
 """
 # A fake scontrol: `scontrol show hostnames a,b,c` prints one host a line.
@@ -137,6 +142,72 @@ def test_default_config_exists_in_repo(script, fake_bin, tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = Path(trainer_args(torchrun_argv(calls))[1])
     assert config.is_file() and config.is_relative_to(REPO / "configs"), config
+
+
+# ---- torchrun's shutdown grace -------------------------------------------------------------
+
+def any_launcher_env():
+    """What each script needs besides its defaults (the Slurm variables, a rendezvous node)."""
+    return {"RDZV_ENDPOINT": "n0:29400", **slurm_env(), "SLURM_SUBMIT_DIR": str(REPO)}
+
+
+def shutdown_timeout_seen(script, fake_bin, tmp_path, **env):
+    run_dir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"   # a call log of its own
+    run_dir.mkdir()
+    proc, calls = run_script(script, fake_bin, run_dir, env={**any_launcher_env(), **env})
+    assert proc.returncode == 0, proc.stderr
+    (run,) = [c for c in calls if c["tool"] == "torchrun"]
+    seen = run["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
+    assert seen is not None, f"{script.name}: torchrun's environment lacks the grace (exported?)"
+    return seen
+
+
+@pytest.fixture(scope="module")
+def launcher_grace_s(tmp_path_factory):
+    """The seconds torchrun gives its workers after SIGTERM when started by launch/ (default)."""
+    tmp = tmp_path_factory.mktemp("grace")
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(FAKE_TORCHRUN)
+    (bin_dir / "torchrun").chmod(0o755)
+    return int(shutdown_timeout_seen(LAUNCH / "workstation.sh", bin_dir, tmp))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_launcher_gives_torchrun_the_same_shutdown_grace(script, fake_bin, tmp_path,
+                                                                launcher_grace_s):
+    assert shutdown_timeout_seen(script, fake_bin, tmp_path) == str(launcher_grace_s)
+    # A site with slower storage can lengthen it.
+    assert shutdown_timeout_seen(script, fake_bin, tmp_path,
+                                 TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300") == "300"
+
+
+def test_launcher_grace_outlasts_the_trainer_stop_and_matches_the_image(launcher_grace_s):
+    assert launcher_grace_s > TRAINER_STOP_S
+    image_env = re.search(r"^\s*TORCH_ELASTIC_SHUTDOWN_TIMEOUT=(\d+)", DOCKERFILE.read_text(),
+                          re.M)
+    assert image_env and int(image_env[1]) == launcher_grace_s
+
+
+def test_installed_torchrun_reads_the_grace_from_the_environment(launcher_grace_s, monkeypatch):
+    # The knob is an environment variable: a misspelt name would be ignored silently (30 s).
+    from torch.distributed.launcher.api import LaunchConfig
+    from torch.distributed.run import config_from_args, parse_args
+
+    if "shutdown_timeout" not in LaunchConfig.__dataclass_fields__:
+        pytest.skip("torch < 2.12: torchrun always waits 30 s, whatever the environment says")
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(launcher_grace_s))
+    config, _, _ = config_from_args(parse_args(["--standalone", "--nproc_per_node=1",
+                                                "-m", "dist_free.train"]))
+    assert config.shutdown_timeout == launcher_grace_s
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_a_malformed_grace_fails_before_torchrun(script, fake_bin, tmp_path):
+    env = {**any_launcher_env(), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "45s"}
+    proc, calls = run_script(script, fake_bin, tmp_path, env=env)
+    assert proc.returncode == 2 and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in proc.stderr
+    assert calls == []
 
 
 # ---- workstation ---------------------------------------------------------------------------
@@ -243,6 +314,29 @@ def test_slurm_header_asks_one_task_per_node_with_gpus():
     assert any(l.startswith("#SBATCH --gpus-per-node=") for l in header)
 
 
+def test_slurm_signals_the_steps_early_enough_for_a_clean_stop(launcher_grace_s):
+    header = [l for l in (LAUNCH / "slurm.sbatch").read_text().splitlines()
+              if l.startswith("#SBATCH --signal=")]
+    assert len(header) == 1, header
+    # [{R|B}:]SIG[@SECONDS]. "B:" would reach the batch shell only, never torchrun or the ranks.
+    spec = re.fullmatch(r"#SBATCH --signal=(?:([RB]):)?(\w+)(?:@(\d+))?", header[0])
+    assert spec, header[0]
+    prefix, sig, lead = spec.groups()
+    assert prefix is None, "B: signals only the batch shell; R: is about reservations"
+    assert sig in ("TERM", "SIGTERM", "15")   # the trainer saves on SIGTERM only
+    # Slurm's default lead is 60 s; torchrun must be done (or have killed) before the limit.
+    assert int(lead or 60) > launcher_grace_s
+
+
+def test_slurm_step_runs_torchrun_itself(fake_bin, tmp_path, config_file):
+    # A shell between srun and torchrun would have to forward the step's SIGTERM by hand.
+    env = {**slurm_env(), "SLURM_SUBMIT_DIR": str(REPO), "CONFIG": str(config_file)}
+    proc, calls = run_script(LAUNCH / "slurm.sbatch", fake_bin, tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (srun,) = [c for c in calls if c["tool"] == "srun"]
+    assert srun["command"][0] == "torchrun"
+
+
 # ---- Kubernetes ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -280,7 +374,7 @@ def test_pytorchjob_gpus_match_processes_per_pod(pytorchjob):
 def test_pytorchjob_runs_the_trainer_on_mounted_data(pytorchjob):
     pod, container = worker_container(pytorchjob)
     argv = container["command"] + container["args"]
-    assert argv[0] == "torchrun"
+    assert argv[argv.index("--") + 1] == "torchrun"   # behind the init, see below
     args = trainer_args(argv)
     assert args[0] == "--config" and args[1].startswith(IMAGE_CONFIGS)
     assert (REPO / "configs" / args[1][len(IMAGE_CONFIGS):]).is_file(), args[1]
@@ -309,3 +403,58 @@ def test_pytorchjob_tracks_to_mlflow_and_runs_as_image_user(pytorchjob):
     user = re.findall(r"^USER (\d+)", dockerfile, re.M)[-1]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert str(pod["securityContext"]["runAsUser"]) == user
+
+
+def dockerfile_entrypoint():
+    (line,) = re.findall(r"^ENTRYPOINT (.+)$", DOCKERFILE.read_text(), re.M)
+    return json.loads(line)
+
+
+def test_pytorchjob_keeps_the_image_init_as_pid_1(pytorchjob):
+    # `command` replaces the image's ENTRYPOINT: without tini, torchrun would be PID 1 and no
+    # one would reap orphans.
+    _, container = worker_container(pytorchjob)
+    entry = dockerfile_entrypoint()
+    assert entry[0] == "tini" and entry[-1] == "torchrun"
+    assert container["command"] == entry
+
+
+def test_pytorchjob_meets_the_restricted_pod_security_standard(pytorchjob):
+    pod, container = worker_container(pytorchjob)
+    pod_sc, sc = pod["securityContext"], container["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and sc.get("runAsNonRoot", True) is True
+    assert pod_sc["runAsUser"] != 0 and "runAsUser" not in sc
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+    assert not sc.get("privileged", False)
+    seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile"))
+    assert seccomp["type"] in ("RuntimeDefault", "Localhost")
+    for volume in pod["volumes"]:
+        assert set(volume) - {"name"} <= {"persistentVolumeClaim", "emptyDir", "configMap",
+                                          "secret", "projected", "downwardAPI", "ephemeral",
+                                          "csi"}, volume
+
+
+def test_pytorchjob_image_has_a_fixed_tag(pytorchjob):
+    _, container = worker_container(pytorchjob)
+    image = container["image"]
+    name, _, digest = image.partition("@")
+    tag = name.rpartition("/")[2].partition(":")[2]
+    assert digest.startswith("sha256:") or (tag and tag != "latest"), image
+
+
+def test_pytorchjob_grace_outlasts_torchrun(pytorchjob, launcher_grace_s):
+    # The pod inherits the image's TORCH_ELASTIC_SHUTDOWN_TIMEOUT unless it sets its own.
+    pod, container = worker_container(pytorchjob)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    grace = int(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", launcher_grace_s))
+    assert pod["terminationGracePeriodSeconds"] > grace > TRAINER_STOP_S
+
+
+# ---- README --------------------------------------------------------------------------------
+
+def test_readme_warns_that_the_rendezvous_ports_must_stay_private():
+    readme = (REPO / "README.md").read_text()
+    (row,) = [l for l in readme.splitlines() if "launch/multinode.sh" in l and l.startswith("|")]
+    port = re.search(r"RDZV_ENDPOINT=[\w.-]+:(\d+)", row)[1]
+    assert port in row.split("`", 2)[2] and "MASTER_PORT" in row and "private network" in row
