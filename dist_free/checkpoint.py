@@ -4,14 +4,16 @@ Layout of a run directory:
     <run_dir>/checkpoints/last.pt   the latest state; auto-resume starts here
     <run_dir>/checkpoints/best.pt   the state with the best robust (PGD) validation accuracy
 
-A checkpoint holds the model (unwrapped), optimizer, scheduler, scaler, epoch and step counters,
-the class-index map, the resolved config, the MLflow run id, and every rank's perturbation buffer
-(free training's warm start is part of the training state, not a cache).
+A checkpoint holds the model (unwrapped), optimizer, the method's shared state (its GradScaler),
+epoch and step counters, the class-index map, the resolved config, the MLflow run id, and each
+rank's own method state (`rank_states`: free training's perturbation buffer, whose warm start is
+training state, not a cache).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,6 +43,30 @@ def save_atomic(state: dict, path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def copy_atomic(src: Path, dst: Path) -> Path:
+    """`dst` becomes a complete copy of `src` or stays as it was: temporary file, fsync, rename."""
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def rank_state(state: dict, rank: int) -> dict:
+    """This rank's part of the training state ({} for a rank the saved run did not have)."""
+    states = state.get("rank_states")
+    if states is None:   # checkpoints written before rank_states: the free buffer alone
+        states = [{"perturbation": t} for t in state.get("perturbations") or []]
+    return dict(states[rank]) if rank < len(states) else {}
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -18,8 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+# The allowed values live on the fields' types; tests check these equal the loader kinds and the
+# method registry, the two places that act on them.
+LoaderKind = Literal["auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic"]
+MethodName = Literal["free", "natural", "pgd", "fast"]
 
 
 class ConfigError(ValueError):
@@ -38,7 +44,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None          # dataset root with train/ and val/
-    loader: str = "auto"             # auto | dali-gpu | dali-cpu | torchvision | synthetic
+    loader: LoaderKind = "auto"      # where images are decoded; see pipelines.resolve_kind
     batch_size: int = 256            # per rank
     val_batch_size: int | None = None  # per rank; default batch_size
     image_size: int = 224            # train crop and val crop, pixels
@@ -49,12 +55,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "free"               # free | natural | pgd | fast
+    name: MethodName = "free"        # see dist_free.methods
     eps: float = 4 / 255             # L-inf radius, pixel units
     replays: int = 4                 # free: the paper's m
     step_size: float | None = None   # free: eps; pgd: 2.5 eps / steps; fast: 1.25 eps
     steps: int = 7                   # pgd: attack steps per SGD step
-    fused: str = "auto"              # free: fused perturbation kernel (auto = on CUDA)
+    fused: bool | Literal["auto"] = "auto"   # free: compiled update kernel (auto = on CUDA)
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     epochs: int = 90                 # natural-training epochs; free runs ceil(epochs / replays)
-    schedule: str = "step"           # step | cosine
+    schedule: Literal["step", "cosine"] = "step"
     milestones: tuple[int, ...] = (30, 60)   # step schedule, natural-training epochs
     gamma: float = 0.1
     warmup_epochs: float = 0.0       # linear warm-up, natural-training epochs
@@ -87,11 +93,11 @@ class RunConfig:
     dir: str = "runs"                # runs root; this run writes to <dir>/<name>
     name: str = "free"
     seed: int = 0                    # rank r uses seed + r for its own randomness
-    device: str = "auto"             # auto | cpu | cuda
-    amp: str = "auto"                # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | off
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"   # auto: see dist_free.precision
     log_every: int = 20              # steps between metric reads (each read is one device sync)
     checkpoint_every: int = 1        # epochs
-    progress: str = "auto"           # auto (bar on a terminal) | bar | log
+    progress: Literal["auto", "bar", "log"] = "auto"       # auto: a bar on a terminal
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
-    def epochs(self) -> int:
+    def real_epochs(self) -> int:
         """Real epochs to run: natural-training epochs divided by the replays (free only)."""
         return math.ceil(self.optim.epochs / self.replays)
 
@@ -129,15 +135,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "data.loader": ("auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic"),
-    "method.name": ("free", "natural", "pgd", "fast"),
-    "method.fused": ("auto", "true", "false"),
-    "optim.schedule": ("step", "cosine"),
-    "run.device": ("auto", "cpu", "cuda"),
-    "run.amp": ("auto", "bf16", "fp16", "off"),
-    "run.progress": ("auto", "bar", "log"),
-}
 POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.val_resize",
             "method.eps", "method.replays", "method.step_size", "method.steps", "optim.lr",
             "optim.lr_batch", "optim.epochs", "model.num_classes", "eval.every", "eval.eps",
@@ -175,9 +172,15 @@ def _coerce(key: str, value, hint):
     """Turn a YAML or command-line value into the field's declared type, or say why not."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if type(None) in args and (value is None or (
+                isinstance(value, str) and value.lower() in ("null", "none", "~"))):
             return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
+        return _coerce_union(key, value, [a for a in args if a is not type(None)])
+    if typing.get_origin(hint) is Literal:
+        text = str(value).lower() if isinstance(value, (str, bool)) else value
+        if text not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return text
     if hint is bool:
         return _parse_bool(key, value)
     if hint in (int, float):
@@ -195,6 +198,17 @@ def _coerce(key: str, value, hint):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(key, v, args[0]) for v in value)
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _coerce_union(key: str, value, options: list):
+    """The first member type that accepts the value (e.g. `fused`: a bool, or "auto")."""
+    errors = []
+    for option in options:
+        try:
+            return _coerce(key, value, option)
+        except ConfigError as e:
+            errors.append(str(e).removeprefix(f"{key}: "))
+    raise ConfigError(f"{key}: {'; or '.join(errors)}")
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -232,9 +246,6 @@ def _apply_override(tree: dict, item: str) -> None:
 
 def _validate(cfg: Config) -> Config:
     flat = flatten(cfg.to_dict())
-    for key, choices in CHOICES.items():
-        if str(flat[key]).lower() not in choices:
-            raise ConfigError(f"{key}: {flat[key]!r} is not one of {list(choices)}")
     for key in POSITIVE:
         if flat[key] is not None and not flat[key] > 0:
             raise ConfigError(f"{key} must be > 0, got {flat[key]}")

@@ -97,11 +97,14 @@ class FreeAdversarialTrainer(StepBase):
         return batch_stats(loss_sum, correct, self.replays, b)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "perturbation": self._delta, "eps": self.eps,
-                "replays": self.replays, "step_size": self.step_size}
+        return {**super().state_dict(), "eps": self.eps, "replays": self.replays,
+                "step_size": self.step_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """The warm start is training state, and each rank's is its own."""
+        return {} if self._delta is None else {"perturbation": self._delta}
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
         saved = state.get("perturbation")
         if saved is None:
             return

@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_free import checkpoint, distributed, environment, runtime
-from pipelines.crash_notes import check_crash_note
-from dist_free.config import Config, ConfigError, flatten, to_yaml
+from dist_free.config import Config, flatten, to_yaml
 from dist_free.distributed import DistInfo
 from dist_free.evaluate import evaluate
-from dist_free.methods import build_method
 from dist_free.progress import Progress
+from dist_free.step_base import StepBase
 from dist_free.tracking import build_tracker, environment_tags
+from pipelines.crash_notes import check_crash_note
 
 log = logging.getLogger("dist_free.train")
 
@@ -42,13 +40,21 @@ class Preemption:
         self.requested = True
 
 
+class Hooks:
+    """Points where a caller may look at the run (tests, instrumentation); each does nothing here."""
+
+    def after_restore(self, run: Run) -> None: ...
+    def after_save(self, run: Run) -> None: ...
+    def after_finish(self, run: Run) -> None: ...
+
+
 @dataclass
 class Run:
     cfg: Config
     d: DistInfo
     run_dir: Path
     model: torch.nn.Module            # the bare model: checkpoints and attacks use it
-    method: object                    # natural/free/pgd/fast trainer around the DDP model
+    method: StepBase                  # natural/free/pgd/fast trainer around the DDP model
     optimizer: torch.optim.Optimizer
     train_loader: object
     val_loader: object
@@ -60,9 +66,10 @@ class Run:
     best_pgd: float = -1.0
     logged_through: int = -1          # metrics at steps <= this reached MLflow before a restart
     preemption: Preemption = field(default_factory=Preemption)
+    hooks: Hooks = field(default_factory=Hooks)
 
     @classmethod
-    def start(cls, cfg: Config, d: DistInfo) -> Run:
+    def start(cls, cfg: Config, d: DistInfo, hooks: Hooks | None = None) -> Run:
         run_dir = Path(cfg.run.dir) / cfg.run.name
         resume = checkpoint.latest(run_dir)
         state = checkpoint.load(resume) if resume else None
@@ -74,16 +81,16 @@ class Run:
         model = runtime.build_bare_model(cfg, d.device)
         optimizer = runtime.build_optimizer(cfg, model, d.world_size)
         amp_dtype = runtime.resolve_amp(cfg.run.amp, d.device)
-        method = build_method(cfg.method.name, wrap(cfg, model, d), optimizer, amp_dtype=amp_dtype,
-                              loss_fn=loss_fn(cfg), **method_options(cfg))
+        method = runtime.build_method(cfg, model, optimizer, d, amp_dtype)
         tracker = build_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment,
                                 cfg.run.name, run_dir, d.rank,
                                 run_id=state and state.get("mlflow_run_id"),
                                 system_metrics=cfg.tracking.system_metrics)
         run = cls(cfg, d, run_dir, model, method, optimizer, train_loader, val_loader, tracker,
-                  amp_dtype)
+                  amp_dtype, hooks=hooks or Hooks())
         if state is not None:
             run.restore(state, resume)
+            run.hooks.after_restore(run)
         else:
             run.record_start()
         return run
@@ -106,11 +113,8 @@ class Run:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            method_state = dict(state.get("method") or {})
-            if self.cfg.method.name == "free":
-                method_state["perturbation"] = restore_buffer(state.get("perturbations") or [],
-                                                              self.d.rank)
-            self.method.load_state_dict(method_state)
+            self.method.load_state_dict(state.get("method") or {})
+            self.method.load_rank_state(own_rank_state(state, self.d.rank))
         except (RuntimeError, ValueError, KeyError) as e:
             raise checkpoint.CheckpointError(
                 f"{path} does not fit this run's config (model, method or batch size changed?): "
@@ -138,46 +142,13 @@ def watch_decoder(loader, note: Path) -> None:
     loader.crash_note = note
 
 
-def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
-    """SyncBatchNorm, DDP and torch.compile around the bare model, as configured."""
-    net = model
-    if d.distributed:
-        if cfg.model.sync_bn:
-            if d.device.type != "cuda":
-                raise ConfigError("model.sync_bn=true needs CUDA devices: torch's SyncBatchNorm "
-                                  "runs on GPUs only")
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        # The perturbation is a leaf of the graph, not a parameter: DDP never all-reduces it.
-        net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    return torch.compile(net) if cfg.model.compile else net
-
-
-def loss_fn(cfg: Config):
-    smoothing = cfg.optim.label_smoothing
-    return lambda logits, labels: torch.nn.functional.cross_entropy(
-        logits, labels, label_smoothing=smoothing)
-
-
-def method_options(cfg: Config) -> dict:
-    m = cfg.method
-    if m.name == "free":
-        fused = m.fused if m.fused == "auto" else m.fused == "true"
-        return dict(eps=m.eps, replays=m.replays, step_size=m.step_size, fused=fused)
-    if m.name == "pgd":
-        return dict(eps=m.eps, steps=m.steps, step_size=m.step_size)
-    if m.name == "fast":
-        return dict(eps=m.eps, step_size=m.step_size)
-    return {}
-
-
-def restore_buffer(buffers: list, rank: int) -> torch.Tensor | None:
-    """This rank's saved perturbation; a rank the old run did not have starts from zero."""
-    if rank < len(buffers):
-        return buffers[rank]
-    if buffers:
-        log.warning("rank %d has no saved perturbation (the run had %d ranks): starting it at zero",
-                    rank, len(buffers))
-    return None
+def own_rank_state(state: dict, rank: int) -> dict:
+    """This rank's saved method state; a rank the old run did not have starts afresh."""
+    mine = checkpoint.rank_state(state, rank)
+    if not mine and state.get("world_size", 1) <= rank:
+        log.warning("rank %d has no saved method state (the run had %d ranks): starting it "
+                    "afresh", rank, state.get("world_size", 1))
+    return mine
 
 
 # ------------------------------------------------------------------ the loop
@@ -185,11 +156,11 @@ def restore_buffer(buffers: list, rank: int) -> torch.Tensor | None:
 def fit(run: Run) -> None:
     cfg = run.cfg
     log.info("%s training: %d epochs (%d natural-training epochs / %d replays), %d steps/epoch, "
-             "%d ranks on %s, loader %s", cfg.method.name, cfg.epochs, cfg.optim.epochs,
+             "%d ranks on %s, loader %s", cfg.method.name, cfg.real_epochs, cfg.optim.epochs,
              cfg.replays, len(run.train_loader), run.d.world_size, run.d.device,
              run.train_loader.kind)
     try:
-        while run.epoch < cfg.epochs:
+        while run.epoch < cfg.real_epochs:
             finished = train_one_epoch(run)
             if not finished:                   # preempted: save where we are and leave
                 save(run, batch_in_epoch=run.start_batch)
@@ -197,7 +168,7 @@ def fit(run: Run) -> None:
                             run.epoch, run.start_batch)
                 return
             run.epoch, run.start_batch = run.epoch + 1, 0
-            last = run.epoch == cfg.epochs
+            last = run.epoch == cfg.real_epochs
             report = validate(run) if last or run.epoch % cfg.eval.every == 0 else None
             if last or run.epoch % cfg.run.checkpoint_every == 0:
                 save(run, report=report)
@@ -212,7 +183,7 @@ def train_one_epoch(run: Run) -> bool:
     loader.set_epoch(run.epoch, run.start_batch)
     steps = len(loader)
     window = Window(run.d.device)
-    progress = Progress(run.d.is_main, cfg.run.progress, f"epoch {run.epoch + 1}/{cfg.epochs}",
+    progress = Progress(run.d.is_main, cfg.run.progress, f"epoch {run.epoch + 1}/{cfg.real_epochs}",
                         steps, run.start_batch)
     batches = iter(loader)
     for i in range(run.start_batch, steps):
@@ -297,40 +268,37 @@ def validate(run: Run) -> dict:
 
 
 def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0) -> None:
-    """All ranks send their perturbation to rank 0, which writes last.pt (and best.pt)."""
-    buffers = gather_perturbations(run)
+    """All ranks send their own method state to rank 0, which writes last.pt (and best.pt)."""
+    rank_states = gather_rank_states(run)
     is_best = report is not None and report["pgd"] > run.best_pgd
     if is_best:
         run.best_pgd = report["pgd"]
     if run.d.is_main:
-        method_state = {k: v for k, v in run.method.state_dict().items() if k != "perturbation"}
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                 "method": method_state, "perturbations": buffers, "epoch": run.epoch,
+                 "method": run.method.state_dict(), "rank_states": rank_states, "epoch": run.epoch,
                  "batch_in_epoch": batch_in_epoch, "global_step": run.global_step,
                  "best_pgd": run.best_pgd, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,
                  "world_size": run.d.world_size, "eval": report}
         last = checkpoint.save_atomic(state, checkpoint.checkpoint_dir(run.run_dir) / "last.pt")
         if is_best:
-            copy_atomic(last, last.with_name("best.pt"))
+            checkpoint.copy_atomic(last, last.with_name("best.pt"))
     distributed.barrier()    # nobody races ahead (or exits) before the checkpoint is on disk
+    run.hooks.after_save(run)
 
 
-def gather_perturbations(run: Run) -> list[torch.Tensor]:
-    delta = getattr(run.method, "perturbation", None)
-    if delta is None:
+def gather_rank_states(run: Run) -> list[dict]:
+    """Every rank's `method.rank_state()` on rank 0 (others get []), on the CPU."""
+    mine = run.method.rank_state()
+    gathered = {k: distributed.gather_to_main(v) for k, v in sorted(mine.items())}
+    if not run.d.is_main:
         return []
-    return [t.cpu() for t in distributed.gather_to_main(delta)]
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    return [{k: ts[r].cpu() for k, ts in gathered.items()} for r in range(run.d.world_size)]
 
 
 def finish(run: Run) -> None:
     """The end of a complete run: the final model and the checkpoints go to MLflow."""
+    run.hooks.after_finish(run)
     if not run.d.is_main:
         return
     ckpts = checkpoint.checkpoint_dir(run.run_dir)

@@ -1,4 +1,5 @@
-"""Turning a Config into live objects: device precision, loaders, model, optimizer, lr schedule.
+"""Turning a Config into live objects: precision, loaders, model (wrapped), method, optimizer,
+loss and the lr schedule.
 
 Shared by the trainer and the standalone evaluator so both build exactly the same model and val
 pipeline from a checkpoint's config.
@@ -10,11 +11,15 @@ import math
 import random
 
 import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pipelines
-from dist_free.config import Config
+from dist_free.config import Config, ConfigError
 from dist_free.distributed import DistInfo
+from dist_free.methods import METHODS
 from dist_free.models import build_model
+from dist_free.step_base import StepBase
 
 
 def seed_everything(seed: int) -> None:
@@ -51,6 +56,44 @@ def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None
 def build_bare_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     return build_model(cfg.model.name, cfg.model.num_classes,
                        channels_last=cfg.model.channels_last).to(device)
+
+
+def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
+    """SyncBatchNorm, DDP and torch.compile around the bare model, as configured."""
+    net = model
+    if d.distributed:
+        if cfg.model.sync_bn:
+            if d.device.type != "cuda":
+                raise ConfigError("model.sync_bn=true needs CUDA devices: torch's SyncBatchNorm "
+                                  "runs on GPUs only")
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # The perturbation is a leaf of the graph, not a parameter: DDP never all-reduces it.
+        net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return torch.compile(net) if cfg.model.compile else net
+
+
+def loss_fn(cfg: Config):
+    smoothing = cfg.optim.label_smoothing
+    return lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=smoothing)
+
+
+def method_options(cfg: Config) -> dict:
+    """The options each method takes, from its config section (unused ones are not passed)."""
+    m = cfg.method
+    if m.name == "free":
+        return dict(eps=m.eps, replays=m.replays, step_size=m.step_size, fused=m.fused)
+    if m.name == "pgd":
+        return dict(eps=m.eps, steps=m.steps, step_size=m.step_size)
+    if m.name == "fast":
+        return dict(eps=m.eps, step_size=m.step_size)
+    return {}
+
+
+def build_method(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 d: DistInfo, amp_dtype: torch.dtype | None) -> StepBase:
+    """The configured training method around the wrapped (DDP/compiled) model."""
+    return METHODS[cfg.method.name](wrap(cfg, model, d), optimizer, amp_dtype=amp_dtype,
+                                    loss_fn=loss_fn(cfg), **method_options(cfg))
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.SGD:

@@ -137,6 +137,14 @@ class StepBase:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """State that differs between ranks (free training's perturbation): checkpoints keep one
+        per rank. Stateless methods have none."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        """This rank's saved `rank_state`; {} when the run had fewer ranks (start afresh)."""
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
         raise NotImplementedError
 

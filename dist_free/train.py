@@ -1,7 +1,8 @@
 """The dist-free trainer: free adversarial training (or a baseline) under DDP, logged to MLflow.
 
 One 4-GPU workstation:
-    torchrun --nproc_per_node=4 -m dist_free.train --config configs/imagenet/free_m4_eps4.yaml data.root=/data/imagenet
+    torchrun --nproc_per_node=4 -m dist_free.train \
+        --config configs/imagenet/free_m4_eps4.yaml data.root=/data/imagenet
 Several nodes (run on each; c10d rendezvous on the first node's host:port):
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=node0:29400 \
         --rdzv_id=job42 --max_restarts=3 -m dist_free.train --config ... data.root=...
@@ -23,7 +24,7 @@ from pathlib import Path
 import pipelines
 from dist_free import checkpoint, distributed
 from dist_free.config import ConfigError, load_config
-from dist_free.loop import Run, fit
+from dist_free.loop import Hooks, Run, fit
 
 log = logging.getLogger("dist_free.train")
 # Problems with the user's data, checkpoint or config: a message, not a traceback.
@@ -46,7 +47,7 @@ def setup_logging(is_main: bool) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     # A native crash (e.g. in a decoder) still prints where Python was; the next start then
     # names the file from the decoder's note (pipelines/crash_notes.py).
     faulthandler.enable()
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(d.is_main)
     try:
         try:
-            run = Run.start(cfg, d)
+            run = Run.start(cfg, d, hooks)
         except USER_ERRORS as e:
             # Every rank checks the same data and checkpoint: one message, from rank 0.
             if d.is_main:

@@ -1,12 +1,7 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-# Test modules import shared helpers from each other (e.g. `from test_free import tiny_net`).
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +25,7 @@ def _isolate_mlflow_uri():
 def digits_model():
     """A small CNN trained naturally on scikit-learn's digits: ~98% clean accuracy, not robust."""
     from sklearn.datasets import load_digits
+
     from dist_free.models import NormalizedModel, small_cnn
     d = load_digits()
     x = torch.tensor(d.images[:600], dtype=torch.float32).div(16).unsqueeze(1).repeat(1, 3, 1, 1)

@@ -20,8 +20,8 @@ def test_defaults_and_overrides():
 
 
 def test_epochs_are_divided_by_replays_for_free_training_only():
-    assert load_config(None, ["optim.epochs=90", "method.replays=4"]).epochs == 23
-    assert load_config(None, ["optim.epochs=90", "method.name=natural"]).epochs == 90
+    assert load_config(None, ["optim.epochs=90", "method.replays=4"]).real_epochs == 23
+    assert load_config(None, ["optim.epochs=90", "method.name=natural"]).real_epochs == 90
 
 
 @pytest.mark.parametrize("override, key", [
@@ -77,4 +77,29 @@ def test_paper_imagenet_presets():
         cfg = load_config(ROOT / f"configs/imagenet/free_m4_eps{eps}.yaml")
         assert cfg.model.name == "resnet50" and cfg.method.name == "free"
         assert cfg.method.replays == 4 and cfg.method.eps == pytest.approx(eps / 255)
-        assert cfg.epochs == 23      # 90 natural epochs / m=4, rounded up (the paper's 23)
+        assert cfg.real_epochs == 23      # 90 natural epochs / m=4, rounded up (the paper's 23)
+
+
+def test_config_choices_are_the_loader_kinds_and_the_method_registry():
+    import typing
+
+    import pipelines
+    from dist_free.config import LoaderKind, MethodName
+    from dist_free.methods import METHODS
+    assert set(typing.get_args(LoaderKind)) == set(pipelines.KINDS)
+    assert set(typing.get_args(MethodName)) == set(METHODS)
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("off", None), ("false", False),
+                                             ("auto", "auto"), ("AUTO", "auto")])
+def test_method_fused_is_a_bool_or_auto(value, expected):
+    if expected is None:
+        with pytest.raises(ConfigError, match="method.fused"):
+            load_config(None, [f"method.fused={value}"])
+        return
+    assert load_config(None, [f"method.fused={value}"]).method.fused == expected
+
+
+def test_a_choice_outside_its_literal_names_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"run\.amp: 'fp8' is not one of \['auto', 'bf16'"):
+        load_config(None, ["run.amp=fp8"])

@@ -94,19 +94,20 @@ def test_stats_are_lazy_floats():
     assert 0.0 <= stats["acc"] <= 1.0 and stats["samples"] == 8
 
 
-def test_state_dict_round_trip_restores_buffer():
+def test_rank_state_round_trip_restores_buffer():
     model = tiny_net()
     t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2)
     for x, y in minibatches([8, 8]):
         t.train_step(x, y)
-    sd = t.state_dict()
+    assert "perturbation" not in t.state_dict()     # shared state only: the buffer is per rank
+    saved = t.rank_state()
     model2 = tiny_net()
     t2 = FreeAdversarialTrainer(model2, sgd(model2), eps=4 / 255, replays=2)
-    t2.load_state_dict(sd)
+    t2.load_rank_state(saved)
     assert torch.equal(t2.perturbation, t.perturbation)
     t3 = FreeAdversarialTrainer(model2, sgd(model2), eps=4 / 255, replays=2, input_shape=(4, 3, 6, 6))
     with pytest.raises(ValueError, match="batch size or image size changed"):
-        t3.load_state_dict(sd)
+        t3.load_rank_state(saved)
 
 
 @pytest.mark.parametrize("kwargs, match", [

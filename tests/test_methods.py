@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers_nets import minibatches, sgd, tiny_net
 
 from dist_free.free import FreeAdversarialTrainer
 from dist_free.methods import METHODS, FastFGSMTrainer, PGDTrainer, build_method
-from test_free import minibatches, sgd, tiny_net
 
 
 @pytest.mark.parametrize("name, options", [

@@ -38,10 +38,11 @@ def test_precision_defaults_to_fp32_on_the_cpu():
 
 
 def test_compiled_model_trains_like_the_eager_one():
+    from helpers_nets import minibatches, sgd, tiny_net
+
     from dist_free.distributed import DistInfo
     from dist_free.free import FreeAdversarialTrainer
-    from dist_free.loop import wrap
-    from test_free import minibatches, sgd, tiny_net
+    from dist_free.runtime import wrap
     results = []
     for compile_ in ("false", "true"):
         cfg = load_config(None, [f"model.compile={compile_}"])
@@ -59,10 +60,11 @@ def test_compiled_model_trains_like_the_eager_one():
 
 
 def test_sync_batchnorm_on_cpu_ranks_is_a_clear_config_error():
+    from helpers_nets import tiny_net
+
     from dist_free.config import ConfigError
     from dist_free.distributed import DistInfo
-    from dist_free.loop import wrap
-    from test_free import tiny_net
+    from dist_free.runtime import wrap
     cfg = load_config(None, ["model.sync_bn=true"])
     with pytest.raises(ConfigError, match="model.sync_bn=true needs CUDA"):
         wrap(cfg, tiny_net(), DistInfo(rank=0, world_size=2))

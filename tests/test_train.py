@@ -1,65 +1,28 @@
 """The torchrun trainer end to end on the digits demo (CPU, gloo), as a user runs it."""
 
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers_launch import (  # noqa: F401
+    PROBE,
+    QUICK,
+    ROOT,
+    assert_ok,
+    assert_same_weights,
+    demo_args,
+    free_port,
+    probe_env,
+    run_cmd,
+    torchrun,
+    wait_for_file,
+)
 
 from dist_free import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-PROBE = str(ROOT / "tests" / "train_probe.py")
-# One short real epoch of free training (m=4): 4 natural-training epochs / 4 replays.
-QUICK = ["optim.epochs=4", "eval.max_batches=2", "eval.steps=2", "data.batch_size=32",
-         "run.log_every=5", "tracking.enabled=false"]
-
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
-
-
-def probe_env(out: Path, **extra) -> dict:
-    # PYTHONPATH: the probe script runs from tests/, and must import this checkout's packages.
-    return {**os.environ, "PROBE_OUT": str(out), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-            **extra}
-
-
-def run_cmd(cmd, out: Path, timeout=300, env=None, **kw) -> subprocess.CompletedProcess:
-    env = probe_env(out, **(env or {}))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
-def demo_args(demo_root, run_dir, *extra):
-    return ["--config", "configs/demo.yaml", f"data.root={demo_root}", f"run.dir={run_dir}",
-            *QUICK, *extra]
-
-
-def assert_ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    """Parameters must match exactly. BatchNorm running statistics are per rank between
-    forwards (DDP broadcasts rank 0's at each forward; checkpoints keep rank 0's), so not those."""
-    weights = [k for k in a if "running_" not in k and "num_batches_tracked" not in k]
-    assert len(weights) >= 8
-    for k in weights:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_two_ranks_train_identical_weights_with_their_own_perturbations(demo_root, tmp_path):
@@ -72,7 +35,7 @@ def test_two_ranks_train_identical_weights_with_their_own_perturbations(demo_roo
     assert not torch.equal(r0["perturbation"], r1["perturbation"])
     state = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and state["world_size"] == 2
-    assert torch.equal(state["perturbations"][1], r1["perturbation"])   # every rank's buffer saved
+    assert torch.equal(state["rank_states"][1]["perturbation"], r1["perturbation"])   # every rank saved
     assert state["eval"]["samples"] > 0
     assert "clean top-1" in proc.stderr and "PGD-2 top-1" in proc.stderr
 
@@ -104,9 +67,7 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_saved_weights(demo_root, 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while not last.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        wait_for_file(last, proc)
         proc.send_signal(signal.SIGKILL)                          # no chance to clean up
         proc.wait(timeout=30)
     finally:

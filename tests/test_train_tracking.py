@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from dist_free import checkpoint
 from dist_free.models import build_model
-from test_train import PROBE, QUICK, ROOT, assert_ok, probe_env
+from helpers_launch import PROBE, QUICK, ROOT, assert_ok, probe_env
 
 pytestmark = pytest.mark.slow
 TRACKED = [q for q in QUICK if not q.startswith("tracking.")] + ["tracking.system_metrics=false"]
