@@ -7,8 +7,6 @@ import socket
 import time
 from pathlib import Path
 
-import mlflow
-import mlflow.pytorch
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -16,7 +14,8 @@ from mlflow import MlflowClient
 from dist_free.config import flatten
 from dist_free.tracking import NullTracker, Tracker, build_tracker, environment_tags
 from dist_free.tracking.__main__ import main
-from dist_free.tracking.unsent import UNSENT_FILE
+from dist_free.tracking.staging import STAGING_DIR
+from dist_free.tracking.wal import WAL_DIR
 
 CONFIG = {"model": {"arch": "resnet50", "eps": 4 / 255},
           "train": {"replays": 4, "lr": {"peak": 0.1, "milestones": [30, 60]}},
@@ -37,10 +36,22 @@ def make_tracker(store, run_dir, experiment, **kw) -> Tracker:
                          run_dir=run_dir, rank=0, artifact_location=artifacts, **kw)
 
 
-def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(),
-                               torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+def export_dir(root: Path) -> Path:
+    """A stand-in for the trainer's model export: weights and a model card, no pickle."""
+    folder = root / "export"
+    (folder / "extra").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"\x00weights")
+    (folder / "README.md").write_text("# model card\n")
+    (folder / "extra" / "class_map.json").write_text("{}")
+    return folder
+
+
+def wal_logs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / WAL_DIR).glob("*.jsonl"))
+
+
+def wal_text(run_dir: Path) -> str:
+    return "".join(p.read_text() for p in wal_logs(run_dir))
 
 
 def steps_of(client, run_id, key) -> list[int]:
@@ -100,11 +111,11 @@ def test_mlflow_tracking_uri_env_is_used_when_no_uri_is_given(tmp_path, store, m
     assert MlflowClient(store[0]).get_run(tracker.run_id).info.status == "FINISHED"
 
 
-def test_run_holds_params_metrics_artifacts_and_a_loadable_model(tmp_path, store):
+def test_run_holds_params_metrics_artifacts_and_the_model_folder(tmp_path, store):
     (tmp_path / "config.yaml").write_text("model:\n  arch: resnet50\n")
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "best.pt").write_bytes(b"weights")
-    model = tiny_model().eval()
+    exported = export_dir(tmp_path)
     tracker = make_tracker(store, tmp_path, "full")
     assert tracker.run_id is not None  # known before the first checkpoint
     tracker.log_params(flatten(CONFIG))
@@ -113,7 +124,7 @@ def test_run_holds_params_metrics_artifacts_and_a_loadable_model(tmp_path, store
         tracker.log_metrics({"train/loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
     tracker.log_artifact(tmp_path / "config.yaml")
     tracker.log_artifact(tmp_path / "ckpt" / "best.pt", artifact_path="checkpoints")
-    tracker.log_model(model)
+    tracker.log_artifacts(exported, "model")
     tracker.close()
 
     client = MlflowClient(store[0])
@@ -129,12 +140,13 @@ def test_run_holds_params_metrics_artifacts_and_a_loadable_model(tmp_path, store
     assert {"config.yaml", "checkpoints"} <= top
     assert [a.path for a in client.list_artifacts(tracker.run_id, "checkpoints")] == [
         "checkpoints/best.pt"]
-    mlflow.set_tracking_uri(store[0])
-    loaded = mlflow.pytorch.load_model(run.data.tags["model_uri.model"])
-    x = torch.rand(5, 3, 2, 2)
-    assert torch.allclose(loaded(x), model(x))
-    assert [o.model_id for o in run.outputs.model_outputs] == [
-        run.data.tags["model_uri.model"].split("/")[-1]]
+    assert {a.path for a in client.list_artifacts(tracker.run_id, "model")} == {
+        "model/model.safetensors", "model/README.md", "model/extra"}
+    local = client.download_artifacts(tracker.run_id, "model", str(tmp_path / "down"))
+    assert (Path(local) / "model.safetensors").read_bytes() == b"\x00weights"
+    assert (Path(local) / "extra" / "class_map.json").read_text() == "{}"
+    assert not wal_logs(tmp_path)  # everything arrived: no write-ahead log left behind
+    assert not any((tmp_path / STAGING_DIR).rglob("*.*"))  # staged links removed once sent
 
 
 def test_resumed_run_continues_the_same_run_without_duplicate_steps(tmp_path, store):
@@ -167,13 +179,29 @@ def test_an_exception_inside_the_with_block_marks_the_run_failed(tmp_path, store
     assert MlflowClient(store[0]).get_run(tracker.run_id).info.status == "FAILED"
 
 
-def test_a_rejected_item_is_kept_and_does_not_hold_back_the_rest(tmp_path, store):
+@pytest.mark.parametrize("status", ["FAILED", "KILLED"])
+def test_close_with_failed_or_killed_is_the_runs_end_status(tmp_path, store, status):
+    tracker = make_tracker(store, tmp_path, f"status-{status}")
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    tracker.close(status=status)
+    run = MlflowClient(store[0]).get_run(tracker.run_id)
+    assert run.info.status == status and run.info.end_time is not None
+
+
+def test_a_rejected_item_is_kept_and_does_not_hold_back_the_rest(tmp_path, store, caplog):
     tracker = make_tracker(store, tmp_path, "rejected")
     tracker.log_artifact(tmp_path / "deleted.pt")
     tracker.log_metrics({"loss": 0.5}, step=7)
-    tracker.close()
+    with caplog.at_level(logging.WARNING, logger="dist_free.tracking"):
+        tracker.close()
     assert steps_of(MlflowClient(store[0]), tracker.run_id, "loss") == [7]
-    assert "deleted.pt" in (tmp_path / UNSENT_FILE).read_text()
+    (log,) = wal_logs(tmp_path)
+    assert "deleted.pt" in log.read_text()
+    assert "1 rejected" in caplog.text and str(log) in caplog.text
+    assert main(["replay", str(tmp_path)]) == 1  # still rejected: it stays, and says so
+    header, kept = log.read_text().splitlines()  # rewritten to what is left, nothing else
+    assert '"kind": "run"' in header and "deleted.pt" in kept
+    assert steps_of(MlflowClient(store[0]), tracker.run_id, "loss") == [7]  # not sent twice
 
 
 def test_artifact_is_uploaded_as_it_was_when_logged(tmp_path, store):
@@ -187,7 +215,7 @@ def test_artifact_is_uploaded_as_it_was_when_logged(tmp_path, store):
     tracker.close()
     local = MlflowClient(store[0]).download_artifacts(tracker.run_id, "last.pt", str(tmp_path))
     assert Path(local).read_bytes() == b"epoch 1"
-    assert not any((tmp_path / ".mlflow_staging").rglob("*.pt"))  # links removed once sent
+    assert not any((tmp_path / STAGING_DIR).rglob("*.pt"))  # links removed once sent
 
 
 def test_system_metrics_come_from_mlflows_collectors(tmp_path, store, monkeypatch):
@@ -216,30 +244,26 @@ def test_unreachable_server_never_blocks_and_unsent_items_replay(tmp_path, store
                             run_dir=tmp_path, rank=0, system_metrics=False,
                             artifact_location=store[1])
     assert time.monotonic() - started < 5 and tracker.run_id is None
-    model = tiny_model().eval()
     tracker.log_params({"lr": 0.1})
     for step in range(50):
         t0 = time.perf_counter()
         tracker.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 50}, step=step)
         assert time.perf_counter() - t0 < 0.05
-    tracker.log_model(model)
+    tracker.log_artifacts(export_dir(tmp_path), "model")
     with caplog.at_level(logging.WARNING, logger="dist_free.tracking"):
         tracker.close(timeout=2)
-    unsent = tmp_path / UNSENT_FILE
-    assert unsent.is_file()
+    (log,) = wal_logs(tmp_path)
     warning = " ".join(r.getMessage() for r in caplog.records)
-    assert str(unsent) in warning and f"python -m dist_free.tracking replay {tmp_path}" in warning
+    assert str(log) in warning and f"python -m dist_free.tracking replay {tmp_path}" in warning
 
     assert main(["replay", str(tmp_path), "--uri", store[0]]) == 0
-    assert not unsent.exists()
+    assert not log.exists()
     client = MlflowClient(store[0])
     (run,) = client.search_runs([client.get_experiment_by_name("offline").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
     assert steps_of(client, run.info.run_id, "loss") == list(range(50))
-    mlflow.set_tracking_uri(store[0])
-    loaded = mlflow.pytorch.load_model(run.data.tags["model_uri.model"])
-    x = torch.rand(4, 12)
-    assert torch.allclose(loaded(x), model(x))
+    assert "model/model.safetensors" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "model")}
 
 
 def test_server_that_never_answers_costs_neither_the_step_nor_the_exit(tmp_path, monkeypatch):
@@ -263,10 +287,9 @@ def test_server_that_never_answers_costs_neither_the_step_nor_the_exit(tmp_path,
         started = time.monotonic()
         tracker.close(timeout=1.0)
         assert time.monotonic() - started < 3
-    lines = (tmp_path / UNSENT_FILE).read_text().splitlines()
-    assert sum(line.count('"loss"') for line in lines) == 100
+    assert wal_text(tmp_path).count('"loss"') == 100
 
 
-def test_replay_without_an_unsent_file_names_the_folder(tmp_path, capsys):
+def test_replay_without_a_write_ahead_log_names_the_folder(tmp_path, capsys):
     assert main(["replay", str(tmp_path)]) == 2
-    assert f"no {UNSENT_FILE} in {tmp_path}" in capsys.readouterr().err
+    assert f"no MLflow write-ahead log in {tmp_path / WAL_DIR}" in capsys.readouterr().err

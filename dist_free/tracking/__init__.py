@@ -1,17 +1,22 @@
-"""MLflow tracking for the trainer: rank 0 only, asynchronous, survives tracking-server outages.
+"""MLflow tracking for the trainer: rank 0 only, asynchronous, survives server outages and kill -9.
 
     tracker = build_tracker(enabled=True, uri=None, experiment="dist-free", run_name="r50",
                             run_dir=Path("runs/r50"), rank=rank, run_id=ckpt.get("mlflow_run_id"))
     tracker.log_params(flatten(config)); tracker.set_tags(environment_tags(world_size))
     tracker.log_metrics({"train/loss": 2.3}, step=global_step)   # enqueues, returns at once
-    tracker.close()
+    tracker.log_artifacts(export_dir, "model")
+    tracker.close()            # FINISHED; close(status="FAILED") on a crash;
+                               # stop_soon() then close(status="KILLED") on SIGTERM/SIGINT
 
-Modules: tracker (the queue and its sending thread, outage handling), sender (the MLflow calls),
-unsent (the file of what could not be sent, and `replay`), system_metrics (CPU/GPU sampling),
-tags (environment tags); `python -m dist_free.tracking replay RUN_DIR` is __main__.
+Modules: tracker (the queue, its threads, outage handling), wal (the write-ahead log: design,
+files, bounds), replay (sending earlier sessions' logs), sender (the MLflow calls), staging
+(artifacts frozen at log time), uri (URI resolution, no credentials), system_metrics (CPU/GPU
+sampling), tags (environment tags); `python -m dist_free.tracking replay RUN_DIR` is __main__.
 """
 
 from dist_free.tracking.tags import environment_tags
-from dist_free.tracking.tracker import NullTracker, Tracker, build_tracker, resolve_uri
+from dist_free.tracking.tracker import NullTracker, Tracker, build_tracker
+from dist_free.tracking.uri import TrackingConfigError, check_uri, resolve_uri
 
-__all__ = ["NullTracker", "Tracker", "build_tracker", "environment_tags", "resolve_uri"]
+__all__ = ["NullTracker", "Tracker", "TrackingConfigError", "build_tracker", "check_uri",
+           "environment_tags", "resolve_uri"]

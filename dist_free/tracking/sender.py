@@ -1,21 +1,24 @@
 """The MLflow calls behind dist_free.tracking: open or create a run, send one queued item.
 
 Shared by the tracker's background thread and by `python -m dist_free.tracking replay`, so a
-replayed item goes through exactly the code a live one does. Items are plain dicts (JSON-ready
-except a model), tagged by "kind": metrics, params, tags, artifact, model, end.
+replayed item goes through exactly the code a live one does. Items are plain JSON-ready dicts,
+tagged by "kind": metrics, params, tags, artifact, end. Nothing is ever unpickled: models are
+logged as folders of files (weights, model card) like any other artifact.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from dist_free.tracking.staging import remove_staged
+
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 log = logging.getLogger("dist_free.tracking")
 
 # Error codes a retry cannot fix: the request itself is wrong, so waiting would stall the queue.
@@ -25,11 +28,17 @@ _PERMANENT_CODES = {
 }
 
 
+class RefusedItem(ValueError):
+    """An item that must not be sent as it is (e.g. an artifact outside the run folder)."""
+
+
 def is_permanent(exc: BaseException) -> bool:
     """True when resending the same item can never succeed (bad value, missing file)."""
     if isinstance(exc, MlflowException):
         return exc.error_code in _PERMANENT_CODES
-    return isinstance(exc, (FileNotFoundError, IsADirectoryError, TypeError, ValueError))
+    # KeyError, AttributeError, TypeError: a malformed item (e.g. from an edited WAL line).
+    return isinstance(exc, (FileNotFoundError, IsADirectoryError, TypeError, ValueError,
+                            KeyError, AttributeError))
 
 
 @dataclass
@@ -89,7 +98,36 @@ def _experiment_id(client: MlflowClient, target: RunTarget) -> str:
         return client.get_experiment_by_name(target.experiment).experiment_id
 
 
-def send(client: MlflowClient, target: RunTarget, item: dict) -> None:
+def fits(batch: list[dict], item: dict) -> bool:
+    """Whether `item` can join `batch` in one request: metrics only, METRICS_PER_BATCH rows."""
+    return (item["kind"] == "metrics" and batch[0]["kind"] == "metrics"
+            and sum(len(b["metrics"]) for b in batch) + len(item["metrics"]) <= METRICS_PER_BATCH)
+
+
+def batches(items):
+    """Group an iterable of (seq, item) into lists that `send_batch` sends as one request."""
+    batch: list[tuple[int, dict]] = []
+    for seq, item in items:
+        if batch and not fits([b for _, b in batch], item):
+            yield batch
+            batch = []
+        batch.append((seq, item))
+    if batch:
+        yield batch
+
+
+def send_batch(client: MlflowClient, target: RunTarget, items: list[dict],
+               run_dir: Path) -> None:
+    """Deliver consecutive items (a run of metrics items joined by `fits`, or a single item)."""
+    if len(items) == 1:
+        send(client, target, items[0], run_dir)
+    else:
+        send(client, target, {"kind": "metrics",
+                              "metrics": [row for item in items for row in item["metrics"]]},
+             run_dir)
+
+
+def send(client: MlflowClient, target: RunTarget, item: dict, run_dir: Path) -> None:
     """Deliver one item to the open run; raises on failure (see `is_permanent`)."""
     kind = item["kind"]
     if kind == "metrics":
@@ -101,13 +139,11 @@ def send(client: MlflowClient, target: RunTarget, item: dict) -> None:
         tags = [RunTag(k, v) for k, v in item["tags"].items()]
         client.log_batch(target.run_id, tags=tags, synchronous=True)
     elif kind == "artifact":
-        _send_artifact(client, target, item)
-    elif kind == "model":
-        _send_model(client, target, item)
+        _send_artifact(client, target, item, Path(run_dir))
     elif kind == "end":
         client.set_terminated(target.run_id, status=item["status"], end_time=item["end_ms"])
     else:
-        raise ValueError(f"unknown tracking item kind {kind!r}")
+        raise RefusedItem(f"unknown tracking item kind {kind!r}")
 
 
 def _send_params(client: MlflowClient, target: RunTarget, params: dict[str, str]) -> None:
@@ -125,35 +161,20 @@ def _send_params(client: MlflowClient, target: RunTarget, params: dict[str, str]
     target.known_params.update(new)
 
 
-def _send_artifact(client: MlflowClient, target: RunTarget, item: dict) -> None:
-    path = item["path"]
-    if os.path.isdir(path):
-        client.log_artifacts(target.run_id, path, item["artifact_path"])
-    elif os.path.isfile(path):
-        client.log_artifact(target.run_id, path, item["artifact_path"])
+def _send_artifact(client: MlflowClient, target: RunTarget, item: dict, run_dir: Path) -> None:
+    # The path may come from a file on disk (the WAL) that could have been edited: only what
+    # lies inside the run's own folder is ever read and uploaded.
+    path = (run_dir / item["path"]).resolve()
+    if not path.is_relative_to(run_dir.resolve()):
+        raise RefusedItem(f"artifact {item['path']} lies outside the run folder {run_dir}; "
+                          "refused")
+    if item.get("folder"):
+        if not path.is_dir():
+            raise FileNotFoundError(f"artifact folder {path} no longer exists")
+        client.log_artifacts(target.run_id, str(path), item["artifact_path"])
+    elif path.is_file():
+        client.log_artifact(target.run_id, str(path), item["artifact_path"])
     else:
         raise FileNotFoundError(f"artifact {path} no longer exists")
-    if item.get("staged"):  # our hard link, made so the file could not change under us
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-
-
-def _send_model(client: MlflowClient, target: RunTarget, item: dict) -> None:
-    import mlflow
-    import mlflow.pytorch
-
-    mlflow.set_tracking_uri(target.uri)  # log_model reads the process-wide URI
-    model = item.get("model")
-    if model is None:  # replayed: the model was saved locally when the tracker gave up
-        model = mlflow.pytorch.load_model(item["saved_path"])
-    if item.get("model_id") is None:
-        # Created once and kept on the item, so a retry after a half-done upload reuses it
-        # rather than leaving an empty logged model behind.
-        logged = client.create_logged_model(target.experiment_id, name=item["name"],
-                                            source_run_id=target.run_id)
-        item["model_id"] = logged.model_id
-    info = mlflow.pytorch.log_model(
-        model, name=item["name"], model_id=item["model_id"], run_id=target.run_id,
-        serialization_format="pickle",  # loads any nn.Module; 'pt2' needs an example input
-        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-        input_example=item.get("input_example"))
-    client.set_tag(target.run_id, f"model_uri.{item['name']}", info.model_uri)
+    if item.get("staged"):  # our own link or copy, made so the file could not change under us
+        remove_staged(run_dir, item["path"])

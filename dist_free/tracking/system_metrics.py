@@ -52,7 +52,7 @@ class SystemSampler:
             self._tracker.log_metrics({f"system/{k}": v for k, v in values.items()},
                                       step=(now - self._start_ms) // 1000, timestamp_ms=now)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=timeout)
