@@ -45,7 +45,10 @@ class ModelConfig:
 class DataConfig:
     root: str | None = None          # dataset root with train/ and val/
     loader: LoaderKind = "auto"      # where images are decoded; see pipelines.resolve_kind
-    batch_size: int = 256            # per rank
+    batch_size: int = 256            # per rank (ignored when global_batch is set)
+    global_batch: int | None = None  # images per SGD step over all ranks: per-rank batch is
+                                     # global_batch / world_size, so a recipe does not change
+                                     # with the number of GPUs
     val_batch_size: int | None = None  # per rank; default batch_size
     image_size: int = 224            # train crop and val crop, pixels
     val_resize: int = 256            # val: shorter side resized to this, then centre crop
@@ -85,7 +88,20 @@ class EvalConfig:
     steps: int = 10                  # PGD steps
     step_size: float | None = None   # default 2.5 eps / steps
     restarts: int = 1
-    max_batches: int | None = None   # cap per rank, for quick looks; None = the whole val set
+    max_batches: int | None = None   # cap per rank, for quick looks; None = the whole split
+    amp: Literal["off", "bf16", "fp16"] = "off"   # attacks in fp32 unless asked: low-precision
+                                     # input gradients underflow and flatter the model
+    holdout: int = 0                 # training images held out (never trained on); best.pt is
+                                     # selected on them, val only reports. 0: select on val
+    probes_per_epoch: int = 0        # cheap PGD probes on held-out batches within each epoch
+    probe_batches: int = 2           # batches per rank per probe
+    probe_steps: int = 5             # PGD steps of a probe
+    collapse_drop: float = 0.5       # a probe below (1 - this) x the best probe so far is a
+                                     # collapse (catastrophic overfitting / gradient masking)
+    collapse_armed_at: float = 0.1   # ... once the best probe has reached this accuracy: below
+                                     # it, early probes are noise around chance
+    on_collapse: Literal["warn", "stop", "rollback"] = "warn"   # stop: save and exit;
+                                     # rollback: exit keeping the last healthy checkpoint
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,16 @@ class Config:
     def replays(self) -> int:
         return self.method.replays if self.method.name == "free" else 1
 
+    def per_rank_batch(self, world_size: int) -> int:
+        """data.global_batch split over the ranks (it must divide evenly), else data.batch_size."""
+        g = self.data.global_batch
+        if g is None:
+            return self.data.batch_size
+        if g % world_size:
+            raise ConfigError(f"data.global_batch={g} does not split evenly over {world_size} "
+                              "ranks; choose a multiple of the world size")
+        return g // world_size
+
     @property
     def eval_eps(self) -> float:
         return self.eval.eps if self.eval.eps is not None else self.method.eps
@@ -139,9 +165,11 @@ POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.v
             "method.eps", "method.replays", "method.step_size", "method.steps", "optim.lr",
             "optim.lr_batch", "optim.epochs", "model.num_classes", "eval.every", "eval.eps",
             "eval.steps", "eval.step_size", "eval.restarts", "eval.max_batches", "run.log_every",
-            "run.checkpoint_every", "data.threads"}
+            "run.checkpoint_every", "data.threads", "data.global_batch", "eval.probe_batches",
+            "eval.probe_steps"}
 NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
-                "optim.label_smoothing", "optim.gamma", "run.seed"}
+                "optim.label_smoothing", "optim.gamma", "run.seed", "eval.holdout",
+                "eval.probes_per_epoch"}
 
 
 def _parse_number(key: str, value, kind: type):
@@ -261,6 +289,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"data.min_area must be in (0, 1], got {cfg.data.min_area}")
     if cfg.optim.label_smoothing >= 1:
         raise ConfigError(f"optim.label_smoothing must be < 1, got {cfg.optim.label_smoothing}")
+    if not 0 <= cfg.eval.collapse_armed_at <= 1:
+        raise ConfigError(f"eval.collapse_armed_at must be in [0, 1], got "
+                          f"{cfg.eval.collapse_armed_at}")
+    if not 0 < cfg.eval.collapse_drop <= 1:
+        raise ConfigError(f"eval.collapse_drop must be in (0, 1], got {cfg.eval.collapse_drop}")
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones must be increasing, got {list(cfg.optim.milestones)}")
     return cfg

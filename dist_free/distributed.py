@@ -105,6 +105,10 @@ def gather_to_main(t: torch.Tensor) -> list[torch.Tensor]:
     return out or []
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

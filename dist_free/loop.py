@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from dist_free import checkpoint, distributed, environment, runtime
+from dist_free import checkpoint, distributed, environment, precision, runtime, validation
 from dist_free.config import Config, flatten, to_yaml
 from dist_free.distributed import DistInfo
-from dist_free.evaluate import evaluate
+from dist_free.export import export_checkpoint
 from dist_free.progress import Progress
 from dist_free.step_base import StepBase
 from dist_free.tracking import build_tracker, environment_tags
@@ -30,14 +30,17 @@ log = logging.getLogger("dist_free.train")
 
 
 class Preemption:
-    """SIGTERM (Slurm/Kubernetes preemption, torchrun shutting down) asks for a clean stop."""
+    """SIGTERM (Slurm/Kubernetes preemption, torchrun shutting down) or SIGINT (Ctrl-C) asks for
+    a clean stop: the loop saves and leaves at its next check, instead of dying mid-write."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.signal_name = ""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested, self.signal_name = True, signal.Signals(signum).name
 
 
 class Hooks:
@@ -58,15 +61,19 @@ class Run:
     optimizer: torch.optim.Optimizer
     train_loader: object
     val_loader: object
+    holdout_loader: object | None     # eval.holdout training images, never trained on
     tracker: object
     amp_dtype: torch.dtype | None
     epoch: int = 0                    # completed epochs
     start_batch: int = 0              # batches already done in `epoch` (after a preemption)
     global_step: int = 0              # minibatches done since the run began
-    best_pgd: float = -1.0
+    best_metric: float = -1.0         # best PGD accuracy on the selection split
+    eval_pending: bool = False        # the epoch's checkpoint is saved, its evaluation is not
+    guard: validation.CollapseGuard | None = None
     logged_through: int = -1          # metrics at steps <= this reached MLflow before a restart
     preemption: Preemption = field(default_factory=Preemption)
     hooks: Hooks = field(default_factory=Hooks)
+    commit: str = field(default_factory=lambda: environment.git_commit()[0])
 
     @classmethod
     def start(cls, cfg: Config, d: DistInfo, hooks: Hooks | None = None) -> Run:
@@ -76,8 +83,12 @@ class Run:
         runtime.seed_everything(cfg.run.seed + d.rank)   # each rank its own augmentations/noise
         train_loader = runtime.build_loader(cfg, d, "train", state and state.get("class_to_idx"))
         val_loader = runtime.build_loader(cfg, d, "val", train_loader.class_to_idx)
-        for split, loader in (("train", train_loader), ("val", val_loader)):
-            watch_decoder(loader, run_dir / f".decoding_{split}_rank{d.rank}.json")
+        holdout_loader = runtime.build_loader(cfg, d, "holdout", train_loader.class_to_idx) \
+            if cfg.eval.holdout else None
+        for split, loader in (("train", train_loader), ("val", val_loader),
+                              ("holdout", holdout_loader)):
+            if loader is not None:
+                watch_decoder(loader, run_dir / f".decoding_{split}_rank{d.rank}.json")
         model = runtime.build_bare_model(cfg, d.device)
         optimizer = runtime.build_optimizer(cfg, model, d.world_size)
         amp_dtype = runtime.resolve_amp(cfg.run.amp, d.device)
@@ -86,8 +97,10 @@ class Run:
                                 cfg.run.name, run_dir, d.rank,
                                 run_id=state and state.get("mlflow_run_id"),
                                 system_metrics=cfg.tracking.system_metrics)
-        run = cls(cfg, d, run_dir, model, method, optimizer, train_loader, val_loader, tracker,
-                  amp_dtype, hooks=hooks or Hooks())
+        run = cls(cfg, d, run_dir, model, method, optimizer, train_loader, val_loader,
+                  holdout_loader, tracker, amp_dtype, hooks=hooks or Hooks(),
+                  guard=validation.CollapseGuard(cfg.eval.collapse_drop,
+                                                 cfg.eval.collapse_armed_at))
         if state is not None:
             run.restore(state, resume)
             run.hooks.after_restore(run)
@@ -120,7 +133,10 @@ class Run:
                 f"{path} does not fit this run's config (model, method or batch size changed?): "
                 f"{str(e).splitlines()[0]}. Use a new run.name to start afresh.") from None
         self.epoch, self.start_batch = state["epoch"], state.get("batch_in_epoch", 0)
-        self.global_step, self.best_pgd = state["global_step"], state.get("best_pgd", -1.0)
+        self.global_step = state["global_step"]
+        self.best_metric = state.get("best_metric", state.get("best_pgd", -1.0))
+        self.eval_pending = state.get("eval_pending", False)
+        self.guard.best = state.get("probe_best", -1.0)
         if self.d.is_main:
             self.logged_through = self.tracker.logged_through("train/loss")
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch,
@@ -153,32 +169,52 @@ def own_rank_state(state: dict, rank: int) -> dict:
 
 # ------------------------------------------------------------------ the loop
 
-def fit(run: Run) -> None:
+def fit(run: Run) -> str:
+    """Train to the end or to a stop; returns FINISHED, KILLED (a stop signal: everything done
+    is saved) or FAILED (a collapse stopped the run), the status MLflow records."""
     cfg = run.cfg
     log.info("%s training: %d epochs (%d natural-training epochs / %d replays), %d steps/epoch, "
-             "%d ranks on %s, loader %s", cfg.method.name, cfg.real_epochs, cfg.optim.epochs,
+             "%d ranks on %s, loader %s, %s", cfg.method.name, cfg.real_epochs, cfg.optim.epochs,
              cfg.replays, len(run.train_loader), run.d.world_size, run.d.device,
-             run.train_loader.kind)
+             run.train_loader.kind, precision.resolve_amp(cfg.run.amp, run.d.device)[1])
+    status = "FAILED"
     try:
-        while run.epoch < cfg.real_epochs:
-            finished = train_one_epoch(run)
-            if not finished:                   # preempted: save where we are and leave
-                save(run, batch_in_epoch=run.start_batch)
-                log.warning("stopped on SIGTERM at epoch %d batch %d; the next start resumes there",
-                            run.epoch, run.start_batch)
-                return
-            run.epoch, run.start_batch = run.epoch + 1, 0
-            last = run.epoch == cfg.real_epochs
-            report = validate(run) if last or run.epoch % cfg.eval.every == 0 else None
-            if last or run.epoch % cfg.run.checkpoint_every == 0:
-                save(run, report=report)
-        finish(run)
+        status = run_epochs(run)
+        if status == "FINISHED":
+            finish(run)
+        return status
     finally:
-        run.tracker.close()
+        # After a stop the tracking server may be the thing that is down: KILLED makes the
+        # tracker write what is unsent to disk at once instead of waiting for it.
+        run.tracker.close(status=status)
 
 
-def train_one_epoch(run: Run) -> bool:
-    """One epoch (or its remainder after a resume). False if a preemption stopped it early."""
+def run_epochs(run: Run) -> str:
+    cfg = run.cfg
+    if run.eval_pending and not evaluate_epoch(run):     # stopped during it last time
+        return "KILLED"
+    while run.epoch < cfg.real_epochs:
+        outcome = train_one_epoch(run)
+        if outcome == "stopped":
+            save(run, batch_in_epoch=run.start_batch)
+            log.warning("stopped on %s at epoch %d batch %d; the next start resumes there",
+                        run.preemption.signal_name or "request", run.epoch, run.start_batch)
+            return "KILLED"
+        if outcome == "collapsed":
+            return stop_on_collapse(run)
+        run.epoch, run.start_batch = run.epoch + 1, 0
+        last = run.epoch == cfg.real_epochs
+        due = last or run.epoch % cfg.eval.every == 0
+        if due or run.epoch % cfg.run.checkpoint_every == 0:
+            save(run, eval_pending=due)     # the epoch's work is on disk before the evaluation
+        if due and not evaluate_epoch(run):
+            return "KILLED"
+    return "FINISHED"
+
+
+def train_one_epoch(run: Run) -> str:
+    """One epoch (or its remainder after a resume): "done", "stopped" (a stop signal) or
+    "collapsed" (the probe saw robust accuracy collapse and eval.on_collapse is not warn)."""
     cfg, loader = run.cfg, run.train_loader
     loader.set_epoch(run.epoch, run.start_batch)
     steps = len(loader)
@@ -186,6 +222,7 @@ def train_one_epoch(run: Run) -> bool:
     progress = Progress(run.d.is_main, cfg.run.progress, f"epoch {run.epoch + 1}/{cfg.real_epochs}",
                         steps, run.start_batch)
     batches = iter(loader)
+    probes = validation.probe_points(steps, cfg.eval.probes_per_epoch)
     for i in range(run.start_batch, steps):
         images, labels = window.wait_for(batches)
         lr = runtime.base_lr(cfg, run.d.world_size) * runtime.lr_factor(
@@ -200,9 +237,42 @@ def train_one_epoch(run: Run) -> bool:
             progress.update(i + 1, metrics)
             if stop:
                 progress.close()
-                return False
+                return "stopped"
+        if i + 1 in probes and run_probe(run):
+            progress.close()
+            return "collapsed"
     progress.close()
-    return True
+    return "done"
+
+
+def run_probe(run: Run) -> bool:
+    """Probe robust accuracy; True if it collapsed and the run should stop."""
+    robust, clean = validation.probe(run)
+    run.log_metrics({"probe/pgd_top1": robust, "probe/top1": clean}, run.global_step)
+    if not run.guard.check(robust):
+        return False
+    message = (f"ROBUST ACCURACY COLLAPSED at epoch {run.epoch} step {run.global_step}: PGD-"
+               f"{run.cfg.eval.probe_steps} probe {robust:.1%} against a best of {run.guard.best:.1%} "
+               f"(clean {clean:.1%}). Catastrophic overfitting or gradient masking: the robustness "
+               "this run reports from here on cannot be trusted.")
+    log.error(message)
+    if run.d.is_main:
+        run.tracker.set_tags({"collapse": f"epoch {run.epoch} step {run.global_step}: "
+                                          f"probe {robust:.4f} vs best {run.guard.best:.4f}"})
+    return run.cfg.eval.on_collapse != "warn"
+
+
+def stop_on_collapse(run: Run) -> str:
+    """stop: keep the collapsed state as last.pt (to inspect or resume); rollback: keep the last
+    healthy checkpoint as last.pt and best.pt, and leave the collapsed weights unsaved."""
+    if run.cfg.eval.on_collapse == "stop":
+        save(run, batch_in_epoch=run.start_batch)
+        log.error("eval.on_collapse=stop: saved the collapsed state at epoch %d batch %d and "
+                  "stopped", run.epoch, run.start_batch)
+    else:
+        log.error("eval.on_collapse=rollback: stopped; %s is the last healthy checkpoint",
+                  checkpoint.checkpoint_dir(run.run_dir) / "last.pt")
+    return "FAILED"
 
 
 class Window:
@@ -241,45 +311,51 @@ class Window:
         return metrics, stops > 0
 
 
-def validate(run: Run) -> dict:
-    """Clean top-1/top-5 and PGD accuracy on the whole val set; logged and written to a report."""
-    cfg = run.cfg
-    t = time.perf_counter()
-    distributed.broadcast_buffers(run.model)
-    result = evaluate(run.model, run.val_loader, eps_values=[cfg.eval_eps], steps=cfg.eval.steps,
-                      step_size=cfg.eval.step_size, restarts=cfg.eval.restarts,
-                      amp_dtype=run.amp_dtype, max_batches=cfg.eval.max_batches)
-    pgd = result["pgd"][cfg.eval_eps]
-    report = {"epoch": run.epoch, "global_step": run.global_step, "samples": result["samples"],
-              "top1": result["top1"], "top5": result["top5"], "pgd": pgd, "eps": cfg.eval_eps,
-              "pgd_steps": cfg.eval.steps, "pgd_restarts": cfg.eval.restarts,
-              "seconds": time.perf_counter() - t}
-    log.info("epoch %d eval: clean top-1 %.2f%% top-5 %.2f%%, PGD-%d top-1 %.2f%% (eps %.4f, %d images)",
-             run.epoch, 100 * report["top1"], 100 * report["top5"], cfg.eval.steps, 100 * pgd,
-             cfg.eval_eps, report["samples"])
-    run.log_metrics({"eval/top1": report["top1"], "eval/top5": report["top5"],
-                     "eval/pgd_top1": pgd, "eval/epoch": run.epoch}, run.global_step)
+def evaluate_epoch(run: Run) -> bool:
+    """The epoch's evaluation, selection and final save; False if a stop request cut it short
+    (the checkpoint saved before it stays, marked eval_pending, and the next start redoes it)."""
+    try:
+        report = validation.epoch_report(run)
+    except validation.Stopped:
+        log.warning("stopped on %s during the epoch %d evaluation; the next start redoes it",
+                    run.preemption.signal_name or "request", run.epoch)
+        return False
+    log.info("epoch %d eval: val clean top-1 %.2f%%, PGD-%dx%d %.2f%% (eps %.4f, %s, %d images); "
+             "best.pt selected on %s: PGD %.2f%%", run.epoch, 100 * report["top1"],
+             report["pgd_steps"], report["pgd_restarts"], 100 * report["pgd"], report["eps"],
+             report["dtype"], report["samples"], report["selected_on"],
+             100 * report["selection_metric"])
+    metrics = {"eval/top1": report["top1"], "eval/top5": report["top5"],
+               "eval/pgd_top1": report["pgd"], "eval/epoch": run.epoch}
+    if report["holdout"]:
+        metrics.update({"holdout/top1": report["holdout"]["top1"],
+                        "holdout/pgd_top1": report["holdout"]["pgd"]})
+    run.log_metrics(metrics, run.global_step)
     if run.d.is_main:
         path = run.run_dir / "eval" / f"epoch_{run.epoch:03d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         run.tracker.log_artifact(path, "eval")
-    return report
+    save(run, report=report)
+    return True
 
 
-def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0) -> None:
-    """All ranks send their own method state to rank 0, which writes last.pt (and best.pt)."""
+def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
+         eval_pending: bool = False) -> None:
+    """All ranks send their own method state to rank 0, which writes last.pt (and best.pt when
+    `report` beats the best selection metric so far)."""
     rank_states = gather_rank_states(run)
-    is_best = report is not None and report["pgd"] > run.best_pgd
+    is_best = report is not None and report["selection_metric"] > run.best_metric
     if is_best:
-        run.best_pgd = report["pgd"]
+        run.best_metric = report["selection_metric"]
     if run.d.is_main:
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "method": run.method.state_dict(), "rank_states": rank_states, "epoch": run.epoch,
                  "batch_in_epoch": batch_in_epoch, "global_step": run.global_step,
-                 "best_pgd": run.best_pgd, "class_to_idx": run.train_loader.class_to_idx,
+                 "best_metric": run.best_metric, "probe_best": run.guard.best,
+                 "eval_pending": eval_pending, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,
-                 "world_size": run.d.world_size, "eval": report}
+                 "git_commit": run.commit, "world_size": run.d.world_size, "eval": report}
         last = checkpoint.save_atomic(state, checkpoint.checkpoint_dir(run.run_dir) / "last.pt")
         if is_best:
             checkpoint.copy_atomic(last, last.with_name("best.pt"))
@@ -305,5 +381,10 @@ def finish(run: Run) -> None:
     for name in ("last.pt", "best.pt"):
         if (ckpts / name).is_file():
             run.tracker.log_artifact(ckpts / name, "checkpoints")
-    run.tracker.log_model(run.model, name="model")
-    log.info("done: %s", run.run_dir)
+    # The final model as plain tensors plus a card that says how it was trained and measured,
+    # never a pickled module: what users download must be safe to load.
+    chosen = ckpts / "best.pt" if (ckpts / "best.pt").is_file() else ckpts / "last.pt"
+    export_dir = run.run_dir / "export"
+    export_checkpoint(chosen, export_dir, force=True)
+    run.tracker.log_artifacts(export_dir, "model")
+    log.info("done: %s (model exported from %s to %s)", run.run_dir, chosen.name, export_dir)

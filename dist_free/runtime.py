@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pipelines
+from dist_free import precision
 from dist_free.config import Config, ConfigError
 from dist_free.distributed import DistInfo
 from dist_free.methods import METHODS
@@ -28,12 +29,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on GPUs that support it (no loss scaling needed), fp32 elsewhere."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    """The training autocast dtype (None: fp32); the rule and its reasons: dist_free.precision."""
+    return precision.resolve_amp(amp, device)[0]
+
+
+def attack_dtype(amp: str) -> torch.dtype | None:
+    """Attacks and evaluation: fp32 unless eval.amp / --amp asks otherwise ("off" = fp32)."""
+    return None if amp == "off" else precision.dtype_of(amp)
 
 
 def loader_dtype(device: torch.device) -> torch.dtype:
@@ -42,15 +44,20 @@ def loader_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None = None):
+def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None = None,
+                 **selection):
+    """This rank's loader of `split` (train, val or holdout); `selection` as pipelines takes it
+    (subset=, whole_batches=). The training split always leaves out eval.holdout images."""
     data = cfg.data
-    batch = data.batch_size if split == "train" else (data.val_batch_size or data.batch_size)
+    train_batch = cfg.per_rank_batch(d.world_size)
+    batch = train_batch if split == "train" else (data.val_batch_size or train_batch)
     return pipelines.build_loader(
         data.loader, data.root, split, batch_size=batch, image_size=data.image_size,
         val_resize=data.val_resize, min_area=data.min_area, rank=d.rank,
         world_size=d.world_size, seed=cfg.run.seed, device=d.device,
         dtype=loader_dtype(d.device), channels_last=cfg.model.channels_last,
-        num_threads=data.threads, num_classes=cfg.model.num_classes, class_to_idx=class_to_idx)
+        num_threads=data.threads, num_classes=cfg.model.num_classes, class_to_idx=class_to_idx,
+        holdout=cfg.eval.holdout, **selection)
 
 
 def build_bare_model(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -107,7 +114,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> tor
 
 def base_lr(cfg: Config, world_size: int) -> float:
     """Linear scaling: optim.lr was tuned for a global batch of optim.lr_batch."""
-    return cfg.optim.lr * cfg.data.batch_size * world_size / cfg.optim.lr_batch
+    return cfg.optim.lr * cfg.per_rank_batch(world_size) * world_size / cfg.optim.lr_batch
 
 
 def lr_factor(cfg: Config, natural_epoch: float) -> float:

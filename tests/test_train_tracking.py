@@ -5,14 +5,13 @@ import subprocess
 import sys
 import time
 
-import mlflow
 import pytest
 import torch
+from helpers_launch import PROBE, QUICK, ROOT, assert_ok, probe_env
 from mlflow import MlflowClient
 
 from dist_free import checkpoint
-from dist_free.models import build_model
-from helpers_launch import PROBE, QUICK, ROOT, assert_ok, probe_env
+from dist_free.models import build_model, from_checkpoint
 
 pytestmark = pytest.mark.slow
 TRACKED = [q for q in QUICK if not q.startswith("tracking.")] + ["tracking.system_metrics=false"]
@@ -54,14 +53,23 @@ def test_a_demo_run_is_fully_recorded_in_the_embedded_store(demo_root, tmp_path)
     assert {"config.yaml", "class_map.json", "eval", "checkpoints"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} >= {
         "checkpoints/last.pt", "checkpoints/best.pt"}
-    # The final model loads with MLflow's own loader and predicts like the checkpoint.
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")   # models:/ URIs resolve here
-    model = mlflow.pytorch.load_model(run.data.tags["model_uri.model"], map_location="cpu")
-    state = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
+    # The final model is the exported best.pt: plain tensors and a card, no pickle; downloaded
+    # from MLflow it predicts exactly like the checkpoint.
+    assert_exported_model_matches(client, run.info.run_id, tmp_path / "demo", tmp_path / "dl")
+
+
+def assert_exported_model_matches(client, run_id, run_dir, download_to):
+    names = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"model/model.safetensors", "model/model.pt", "model/model_card.json",
+            "model/MODEL_CARD.md"} <= names, names
+    assert not any(n.endswith((".pkl", "MLmodel")) for n in names)
+    local = client.download_artifacts(run_id, "model", str(download_to))
+    model = from_checkpoint(local)
+    state = checkpoint.load(run_dir / "checkpoints" / "best.pt")
     reference = build_model("small_cnn", 10)
     reference.load_state_dict(state["model"])
     x = torch.rand(4, 3, 32, 32)
-    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+    assert torch.equal(model(x), reference.eval()(x))
 
 
 def test_a_killed_and_resumed_run_continues_the_same_mlflow_run_without_duplicate_steps(
@@ -122,5 +130,4 @@ def test_a_demo_run_over_http_survives_the_server_going_down_mid_run(demo_root, 
         expected = set(range(2, final["global_step"] + 1, 2)) | {final["global_step"]}
         assert sorted(steps) == sorted(expected)          # every step, exactly once
         assert client.get_metric_history(run.info.run_id, "eval/pgd_top1")
-        mlflow.set_tracking_uri(uri)
-        mlflow.pytorch.load_model(run.data.tags["model_uri.model"], map_location="cpu")
+        assert_exported_model_matches(client, run.info.run_id, tmp_path / "demo", tmp_path / "dl")
