@@ -24,41 +24,53 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save_atomic(state: dict, path: Path) -> Path:
+def save_atomic(state: dict, path: Path, write=torch.save) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash or preemption mid-write leaves the previous checkpoint intact: rename is atomic on
-    POSIX file systems, and the temporary file never has the final name.
+    POSIX file systems, and the temporary file never has the final name. A full or unwritable
+    disk is a CheckpointError naming the path and the free space, with nothing left behind.
+    `write(state, file)` is torch.save; tests pass one that fails.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} "
+                              f"({free_space(path.parent)} free there); the previous "
+                              f"{path.name}, if any, is intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown space"
+
+
 def copy_atomic(src: Path, dst: Path) -> Path:
     """`dst` becomes a complete copy of `src` or stays as it was: temporary file, fsync, rename."""
     dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+
+    def write(_, out):
+        with open(src, "rb") as f:
             shutil.copyfileobj(f, out, 16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+
+    return save_atomic(None, dst, write)
 
 
 def rank_state(state: dict, rank: int) -> dict:

@@ -172,20 +172,34 @@ NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "eval.probes_per_epoch"}
 
 
+# Whole numbers are counts and sizes: anything beyond int64 is a typo, and torch would overflow.
+MAX_INT = 2**63 - 1
+
+
 def _parse_number(key: str, value, kind: type):
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if isinstance(value, str):
         try:
             value = Fraction(value.strip())          # "4/255", "0.1", "1e-4"
         except (ValueError, ZeroDivisionError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
     if kind is int:
         if isinstance(value, float) and not value.is_integer() or \
                 isinstance(value, Fraction) and value.denominator != 1:
             raise ConfigError(f"{key}: expected a whole number, got {value}")
+        if abs(int(value)) > MAX_INT:
+            raise ConfigError(f"{key}: {value} is out of range")
         return int(value)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: {str(value)[:40]} is too large (not a finite float)")
+    return number
 
 
 def _parse_bool(key: str, value):
@@ -221,11 +235,18 @@ def _coerce(key: str, value, hint):
         return str(value)
     if typing.get_origin(hint) is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = _yaml_value(key, value) if value.strip().startswith("[") else value.split(",")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(key, v, args[0]) for v in value)
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _yaml_value(key: str, text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: not valid YAML ({str(e).splitlines()[0]}): {text!r}") from None
 
 
 def _coerce_union(key: str, value, options: list):
@@ -263,6 +284,8 @@ def _apply_override(tree: dict, item: str) -> None:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     dotted, raw = item.split("=", 1)
     *parents, leaf = dotted.strip().split(".")
+    if not parents or not all([*parents, leaf]):
+        raise ConfigError(f"override {item!r} must look like section.key=value")
     node = tree
     for part in parents:
         node = node.setdefault(part, {})
@@ -282,6 +305,10 @@ def _validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
     if cfg.method.eps > 1:
         raise ConfigError(f"method.eps is in pixel units of [0, 1] (e.g. 4/255), got {cfg.method.eps}")
+    name = cfg.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"run.name must be a plain folder name (it becomes {cfg.run.dir}/<name>), "
+                          f"got {name!r}")
     if cfg.data.image_size > cfg.data.val_resize:
         raise ConfigError(f"data.image_size ({cfg.data.image_size}) must not exceed "
                           f"data.val_resize ({cfg.data.val_resize}): val crops from the resized image")
@@ -317,9 +344,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a config file?") \
+                from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return config_from_dict(tree, overrides)

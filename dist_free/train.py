@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +26,15 @@ import pipelines
 from dist_free import checkpoint, distributed
 from dist_free.config import ConfigError, load_config
 from dist_free.loop import Hooks, Run, fit
+from dist_free.tracking.uri import TrackingConfigError, check_uri
+from pipelines.crash_notes import check_data_error, record_data_error
 
 log = logging.getLogger("dist_free.train")
 # Problems with the user's data, checkpoint or config: a message, not a traceback.
 USER_ERRORS = (pipelines.DataError, checkpoint.CheckpointError, ConfigError)
+# A stop signal is a clean exit (everything done is saved); a collapse of robust accuracy is not.
+EXIT_CODES = {"FINISHED": 0, "KILLED": 0, "FAILED": 3}
+DATA_ERROR_NOTE = ".data_error.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,13 +60,19 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)   # before any process-group work
+        if cfg.tracking.enabled:     # a password must not reach config.yaml, params or logs
+            check_uri(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except TrackingConfigError as e:
+        print(f"config error: tracking.uri: {e}", file=sys.stderr)
         return 2
     d = distributed.init(cfg.run.device)
     setup_logging(d.is_main)
     try:
         try:
+            check_data_error(Path(cfg.run.dir) / cfg.run.name / DATA_ERROR_NOTE)
             run = Run.start(cfg, d, hooks)
         except USER_ERRORS as e:
             # Every rank checks the same data and checkpoint: one message, from rank 0.
@@ -68,12 +80,17 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
                 print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
             return 2
         try:
-            fit(run)
+            status = fit(run)
         except pipelines.DataError as e:
-            # Met mid-epoch (a corrupt file) by this rank alone: say which rank.
+            # Met mid-epoch (a corrupt file) by this rank alone: say which rank, and note it so
+            # that torchrun's restarts of this job stop at once instead of meeting it again.
             print(f"error (DataError) on rank {d.rank}: {e}", file=sys.stderr)
+            record_data_error(run.run_dir / DATA_ERROR_NOTE, str(e))
             return 2
-        return 0
+        except checkpoint.CheckpointError as e:     # e.g. the disk filled during a save
+            print(f"error (CheckpointError) on rank {d.rank}: {e}", file=sys.stderr)
+            return 2
+        return EXIT_CODES[status]
     finally:
         distributed.shutdown()
 

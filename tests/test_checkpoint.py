@@ -1,6 +1,8 @@
 """Checkpoints: atomic writes, safe loading, clear errors, class-map checks."""
 
+import errno
 import os
+import re
 
 import pytest
 import torch
@@ -20,18 +22,29 @@ def test_round_trip_and_latest(tmp_path):
     assert torch.equal(loaded["model"]["w"], torch.ones(3)) and loaded["epoch"] == 2
 
 
-def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+def test_a_full_disk_is_named_and_leaves_the_previous_checkpoint_intact(tmp_path):
     path = checkpoint.save_atomic(state(1.0), tmp_path / "last.pt")
 
-    def crash(obj, f, *a, **k):
+    def full_disk(obj, f):
         f.write(b"half a checkpoint")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_atomic(state(2.0), path)
-    monkeypatch.undo()
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_atomic(state(2.0), path, write=full_disk)
+    message = str(e.value)
+    assert str(path) in message and "No space left on device" in message
+    assert re.search(r"\d+\.\d\d GiB free there", message)
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["last.pt"]          # no temporary file left behind
+
+
+def test_an_atomic_copy_that_fails_leaves_the_target_as_it_was(tmp_path):
+    src = checkpoint.save_atomic(state(1.0), tmp_path / "last.pt")
+    best = checkpoint.copy_atomic(src, tmp_path / "best.pt")
+    assert best.read_bytes() == src.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="best.pt"):
+        checkpoint.copy_atomic(tmp_path / "missing.pt", best)
+    assert best.read_bytes() == src.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
 
 
 def test_truncated_and_foreign_files_are_named_in_the_error(tmp_path):
