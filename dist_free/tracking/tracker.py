@@ -379,7 +379,7 @@ class Tracker(NullTracker):
             try:
                 if not self._opened.is_set():
                     self._open(client)
-                elif self._older and not self._closing.is_set():
+                elif self._older:
                     self._replay_older()
                 else:
                     self._send_next(client)
@@ -407,7 +407,8 @@ class Tracker(NullTracker):
             while (self._opened.is_set() and not self._older and not self._unsent()
                    and not self._closing.is_set() and not self._abandoned):
                 self._cond.wait()
-            return not self._abandoned and not (self._closing.is_set() and not self._unsent())
+            idle = not self._unsent() and not self._older
+            return not self._abandoned and not (self._closing.is_set() and idle)
 
     def _unsent(self) -> bool:
         return self._acked < self._next_seq - 1
@@ -495,8 +496,8 @@ class Tracker(NullTracker):
 
     def _replay_older(self) -> None:
         result = replay_file(self._older[0], self._run_dir, live_run_id=self._target.run_id,
-                             should_stop=self._closing.is_set)
-        if result.transient and not self._closing.is_set():
+                             should_stop=lambda: self._abandoned)
+        if result.transient and not self._abandoned:
             raise ConnectionError(result.error)  # back off, then try this log again
         self._older.pop(0)
         if result.left or result.error or result.busy:
