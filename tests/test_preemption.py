@@ -1,0 +1,102 @@
+"""A stop signal in any phase ends the run within a grace period with every finished step saved;
+a collapse of robust accuracy stops the run as configured; best.pt is chosen on held-out images."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers_launch import PROBE, ROOT, assert_ok, demo_args, probe_env, run_cmd, wait_for_file
+
+from dist_free import checkpoint
+from dist_free.validation import CollapseGuard, probe_points
+
+pytestmark = pytest.mark.slow
+# Well under torchrun's, Kubernetes' and Slurm's 30 s, on a loaded 2-core machine.
+GRACE_S = 20
+
+
+def start(cmd, tmp_path):
+    return subprocess.Popen(cmd, cwd=ROOT, env=probe_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_evaluation_exits_at_once_and_the_restart_redoes_it(demo_root, tmp_path, sig):
+    # A slow evaluation (PGD-300 x 2 on the whole val set, ~1 s a batch) that the signal cuts.
+    args = demo_args(demo_root, tmp_path, "optim.epochs=8", "eval.every=1", "eval.max_batches=null",
+                     "data.val_batch_size=16")
+    cmd = [sys.executable, PROBE, *args, "eval.steps=300", "eval.restarts=2"]
+    last = tmp_path / "demo" / "checkpoints" / "last.pt"
+    proc = start(cmd, tmp_path)
+    try:
+        wait_for_file(last, proc)       # written before the evaluation starts
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert took < GRACE_S, f"{took:.1f} s to stop"
+    assert f"stopped on {sig.name} during the epoch 1 evaluation" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    saved = checkpoint.load(last)
+    assert saved["epoch"] == 1 and saved["eval_pending"] and saved["eval"] is None
+    assert not (tmp_path / "demo" / "eval" / "epoch_001.json").exists()
+    # The restart evaluates the saved epoch first, then trains the rest.
+    assert_ok(run_cmd([sys.executable, PROBE, *args, "eval.max_batches=2"], tmp_path))
+    assert json.loads((tmp_path / "demo" / "eval" / "epoch_001.json").read_text())["epoch"] == 1
+    final = checkpoint.load(last)
+    assert final["epoch"] == 2 and not final["eval_pending"]
+
+
+def test_best_pt_is_selected_on_the_holdout_and_reports_say_so(demo_root, tmp_path):
+    proc = run_cmd([sys.executable, PROBE, *demo_args(demo_root, tmp_path, "optim.epochs=8",
+                                                       "eval.holdout=96")], tmp_path)
+    assert_ok(proc)
+    report = json.loads((tmp_path / "demo" / "eval" / "epoch_002.json").read_text())
+    assert report["selected_on"] == "holdout" and report["holdout"]["samples"] > 0
+    assert report["selection_metric"] == report["holdout"]["pgd"]
+    assert report["dtype"] == "fp32" and report["attack"] == "pgd"   # attacks in fp32 by default
+    best = checkpoint.load(tmp_path / "demo" / "checkpoints" / "best.pt")
+    assert best["eval"]["selected_on"] == "holdout"
+    assert best["best_metric"] == max(
+        json.loads(p.read_text())["selection_metric"]
+        for p in (tmp_path / "demo" / "eval").glob("epoch_*.json"))
+
+
+@pytest.mark.parametrize("action", ["stop", "rollback"])
+def test_a_collapse_of_robust_accuracy_stops_the_run_as_configured(demo_root, tmp_path, action):
+    # A hair-trigger guard (any drop below the best probe is a "collapse") makes the mechanism
+    # fire within two epochs of eight noisy probes each.
+    cmd = [sys.executable, PROBE, *demo_args(
+        demo_root, tmp_path, "optim.epochs=8", "eval.probes_per_epoch=8", "eval.probe_batches=1",
+        "eval.probe_steps=2", "eval.collapse_armed_at=0", "eval.collapse_drop=0.0001",
+        f"eval.on_collapse={action}")]
+    proc = run_cmd(cmd, tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "ROBUST ACCURACY COLLAPSED" in proc.stderr
+    last = tmp_path / "demo" / "checkpoints" / "last.pt"
+    if action == "stop":                     # the collapsed state, mid-epoch, kept to inspect
+        saved = checkpoint.load(last)
+        assert saved["batch_in_epoch"] > 0
+        assert 0 < saved["probe_best"] <= 1
+    else:                                    # only healthy epoch ends were ever saved
+        assert not last.exists() or checkpoint.load(last)["batch_in_epoch"] == 0
+
+
+def test_the_collapse_guard_arms_at_its_floor_and_fires_on_a_large_drop():
+    guard = CollapseGuard(drop=0.5, armed_at=0.2)
+    assert [guard.check(a) for a in (0.15, 0.05, 0.3, 0.2, 0.16, 0.14)] == \
+        [False, False, False, False, False, True]
+    assert guard.best == 0.3
+
+
+def test_probes_are_spread_over_the_epoch_and_the_last_is_at_its_end():
+    assert probe_points(20, 4) == {5, 10, 15, 20}
+    assert probe_points(3, 8) == {1, 2, 3}
+    assert probe_points(20, 0) == set()
