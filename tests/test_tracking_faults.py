@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -192,6 +193,8 @@ def test_the_next_start_sends_what_a_killed_session_left_and_nothing_it_had_deli
     proc = subprocess.Popen([sys.executable, "-c", GATED_CHILD, store[0], str(run_dir), store[1]],
                             stdout=subprocess.PIPE, text=True, env=child_env())
     try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "the child never reported its partial delivery"
         first = json.loads(proc.stdout.readline())
     finally:
         proc.send_signal(signal.SIGKILL)

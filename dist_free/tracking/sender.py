@@ -98,27 +98,39 @@ def _experiment_id(client: MlflowClient, target: RunTarget) -> str:
         return client.get_experiment_by_name(target.experiment).experiment_id
 
 
-def fits(batch: list[dict], item: dict) -> bool:
-    """Whether `item` can join `batch` in one request: metrics only, METRICS_PER_BATCH rows."""
-    return (item["kind"] == "metrics" and batch[0]["kind"] == "metrics"
-            and sum(len(b["metrics"]) for b in batch) + len(item["metrics"]) <= METRICS_PER_BATCH)
+class Batch:
+    """Consecutive items one request can carry: a run of metrics items holding at most
+    METRICS_PER_BATCH rows, or any other single item. Counting as it goes keeps it linear."""
+
+    def __init__(self):
+        self.items: list[tuple[int, dict]] = []
+        self._rows = 0  # 0 after a non-metrics item: nothing may join it
+
+    def add(self, seq: int, item: dict) -> bool:
+        """Add (seq, item) if it fits; False, adding nothing, if it does not."""
+        rows = len(item["metrics"]) if item["kind"] == "metrics" else 0
+        if self.items and not (rows and self._rows and self._rows + rows <= METRICS_PER_BATCH):
+            return False
+        self.items.append((seq, item))
+        self._rows += rows
+        return True
 
 
 def batches(items):
     """Group an iterable of (seq, item) into lists that `send_batch` sends as one request."""
-    batch: list[tuple[int, dict]] = []
+    batch = Batch()
     for seq, item in items:
-        if batch and not fits([b for _, b in batch], item):
-            yield batch
-            batch = []
-        batch.append((seq, item))
-    if batch:
-        yield batch
+        if not batch.add(seq, item):
+            yield batch.items
+            batch = Batch()
+            batch.add(seq, item)
+    if batch.items:
+        yield batch.items
 
 
 def send_batch(client: MlflowClient, target: RunTarget, items: list[dict],
                run_dir: Path) -> None:
-    """Deliver consecutive items (a run of metrics items joined by `fits`, or a single item)."""
+    """Deliver the items of one `Batch` in one request."""
     if len(items) == 1:
         send(client, target, items[0], run_dir)
     else:

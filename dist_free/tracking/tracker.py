@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_free.tracking.replay import pending_max_step, replay_command, replay_file
-from dist_free.tracking.sender import RunTarget, fits, is_permanent, open_run, send_batch
+from dist_free.tracking.sender import METRICS_PER_BATCH, Batch, RunTarget, is_permanent, open_run, send_batch
 from dist_free.tracking.staging import remove_session, stage
 from dist_free.tracking.system_metrics import SystemSampler
 from dist_free.tracking.uri import bound_http_retries, check_uri, resolve_uri
@@ -60,7 +60,6 @@ MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
 MAX_BACKOFF_S = 15.0
 SPILL_AFTER_S = 0.2  # an item unsent this long goes to the WAL
 WAL_TICK_S = 0.2  # how often the WAL thread looks: together, < 0.5 s from log call to disk
@@ -212,9 +211,10 @@ class Tracker(NullTracker):
                     "wal_bytes": self._wal.size, "lost": self._lost}
 
     def close(self, timeout: float | None = None, status: str = "FINISHED") -> None:
-        """End the run with `status` (FINISHED, FAILED or KILLED): everything unsent goes to the
-        WAL at once, then up to `timeout` s (default CLOSE_TIMEOUT_S; STOP_TIMEOUT_S after
-        stop_soon() or with KILLED) are given to delivery. Says what is left and how to send it."""
+        """End the run with `status` (FINISHED, FAILED or KILLED). Whatever is unsent after
+        SPILL_AFTER_S goes to the WAL, then delivery gets the rest of `timeout` s (default
+        CLOSE_TIMEOUT_S; STOP_TIMEOUT_S after stop_soon() or with KILLED, as the server may be
+        what is down). Logs what is left and how to send it, and what was lost."""
         if self._closed:
             return
         if timeout is None:
@@ -228,7 +228,8 @@ class Tracker(NullTracker):
             self._closed = True
             self._cond.notify_all()
         self._closing.set()
-        # A healthy server takes the last items within milliseconds: only then touch the disk.
+        # A healthy server takes the last items within milliseconds, and then nothing need be
+        # written; otherwise spill everything now, before waiting any longer.
         self._worker.join(min(SPILL_AFTER_S, timeout))
         self._flush(everything=True)
         self._persist_ack()
@@ -445,22 +446,24 @@ class Tracker(NullTracker):
                 self._memory.popleft()
         self._persist_ack()
 
-    def _next_batch(self) -> tuple[list[tuple[int, dict]], object]:
+    def _next_batch(self) -> tuple[list[tuple[int, dict]], int | _Entry | None]:
         """The next items in seq order: from the WAL while evicted ones remain, else from
         memory; and where the last one ends in the WAL (an offset, or its entry)."""
+        batch = Batch()
         with self._cond:
             if self._abandoned:
                 return [], None
             if self._evicted <= self._acked:
-                batch: list[_Entry] = []
+                last = None
                 for entry in self._memory:
-                    if batch and not fits([e.item for e in batch], entry.item):
+                    if not batch.add(entry.seq, entry.item):
                         break
-                    batch.append(entry)
-                return [(e.seq, e.item) for e in batch], batch[-1] if batch else None
+                    last = entry
+                return batch.items, last
             after, through, offset = self._acked, self._evicted, self._read_offset
         with self._io:
-            return self._wal.read_batch(offset, after, through, fits)
+            end = self._wal.read_batch(offset, after, through, batch.add)
+        return batch.items, end
 
     def _keep(self, batch: list[tuple[int, dict]], exc: Exception) -> None:
         """MLflow rejected these: a retry cannot help, so they wait in the WAL for `replay`."""

@@ -313,10 +313,9 @@ class SessionWal:
             log.exception("could not cut %s back to its last whole line", self.paths.log)
 
     def read_batch(self, offset: int, after: int, through: int,
-                   fits: Callable[[list[dict], dict], bool]) -> tuple[list[tuple[int, dict]], int]:
-        """Items with after < seq <= through from byte `offset` on, as many as `fits` allows;
-        and the offset just past the last one taken."""
-        batch: list[tuple[int, dict]] = []
+                   add: Callable[[int, dict], bool]) -> int:
+        """Pass items with after < seq <= through, from byte `offset` on, to `add` until it
+        refuses one; returns the offset just past the last one it took."""
         offset = max(offset, self.header_end)
         with open(self.paths.log, "rb") as f:
             f.seek(offset)
@@ -326,12 +325,11 @@ class SessionWal:
                 seq = obj.pop("seq")
                 if seq > through:
                     break
-                if seq > after:  # lines at or below `after` went out from memory already
-                    if batch and not fits([item for _, item in batch], obj):
-                        break
-                    batch.append((seq, obj))
+                # Lines at or below `after` went out from memory already: step over them.
+                if seq > after and not add(seq, obj):
+                    break
                 offset += len(raw)
-        return batch, offset
+        return offset
 
     def truncate(self) -> None:
         """Back to the header: every written item was delivered (and that is on disk)."""
