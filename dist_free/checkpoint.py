@@ -81,6 +81,10 @@ def rank_state(state: dict, rank: int) -> dict:
     return dict(states[rank]) if rank < len(states) else {}
 
 
+# What every consumer (resume, evaluate, export) reads; the trainer always writes them.
+REQUIRED = ("model", "epoch", "config")
+
+
 def load(path: Path, map_location="cpu") -> dict:
     """Load a checkpoint without unpickling arbitrary objects; errors name the file."""
     path = Path(path)
@@ -89,9 +93,10 @@ def load(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. "
-                              "It may be truncated or not a dist-free checkpoint.") from None
-    missing = {"model", "epoch"} - set(state) if isinstance(state, dict) else {"model", "epoch"}
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {first}); "
+                              "it may be truncated or not a dist-free checkpoint") from None
+    missing = set(REQUIRED) - set(state) if isinstance(state, dict) else set(REQUIRED)
     if missing:
         raise CheckpointError(f"{path} is not a dist-free checkpoint (missing {sorted(missing)})")
     return state

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pipelines import DataError, prepare_flat_val, scan
 from pipelines.datasets import SPLITS
@@ -50,12 +51,25 @@ def run_verify(args) -> int:
 
 
 def run_demo(args) -> int:
+    # Checked before anything is written: the writer would fail halfway, leaving a folder that
+    # the next (corrected) command refuses as not empty.
+    if not 8 <= args.size <= 1024:
+        raise DataError(f"--size must be between 8 and 1024 pixels, got {args.size}")
+    if not 0 < args.val_fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     counts = write_demo(args.out, args.size, args.val_fraction, args.seed)
     print(f"wrote {counts['train']} train and {counts['val']} val JPEGs to {args.out}")
     return 0
 
 
 def run_prepare(args) -> int:
+    labels = Path(args.val_labels)
+    try:
+        labels.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"--val-labels {labels}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--val-labels {labels}: not a readable text file ({e})") from None
     path = prepare_flat_val(args.root, args.val_labels, args.split)
     print(f"wrote {path}")
     return 0

@@ -33,8 +33,8 @@ def probe_env(out: Path, **extra) -> dict:
 
 def run_cmd(cmd, out: Path, timeout=300, env=None, **kw) -> subprocess.CompletedProcess:
     env = probe_env(out, **(env or {}))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    kw.setdefault("cwd", ROOT)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def demo_args(demo_root, run_dir, *extra):

@@ -200,7 +200,7 @@ def test_bad_inputs_exit_2_naming_the_cause(resnet_export, tmp_path, capsys):
     fails([tmp_path / "junk.pt", tmp_path / "a"], "cannot read checkpoint", "junk.pt")
     state = torch.load(ckpt, weights_only=True)
     checkpoint.save_atomic({k: v for k, v in state.items() if k != "config"}, tmp_path / "nc.pt")
-    fails([tmp_path / "nc.pt", tmp_path / "a"], "nc.pt has no 'config'")
+    fails([tmp_path / "nc.pt", tmp_path / "a"], "nc.pt is not a dist-free checkpoint", "'config'")
     state["config"]["model"]["name"] = "resnet5"
     checkpoint.save_atomic(state, tmp_path / "arch.pt")
     fails([tmp_path / "arch.pt", tmp_path / "a"], "arch.pt", "unknown architecture 'resnet5'")
@@ -244,7 +244,8 @@ def test_from_checkpoint_names_what_is_wrong(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="empty.*not a dist-free export"):
         from_checkpoint(tmp_path / "empty")
     torch.save({"model": {}, "epoch": 0}, tmp_path / "bare.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="bare.pt has no config.model.name"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"bare.pt is not a dist-free checkpoint \(missing \['config'\]\)"):
         from_checkpoint(tmp_path / "bare.pt")
     ckpt = make_checkpoint(tmp_path / "last.pt")
     state = torch.load(ckpt, weights_only=True)
