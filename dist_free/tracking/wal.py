@@ -15,8 +15,13 @@ Each tracker session (one `build_tracker` call, named by a session id such as
                  releases it.
 
 The tracker keeps new items in memory and appends to its WAL every item not yet delivered
-SPILL_AFTER_S after it was logged (everything at once on `close` or `stop_soon`), so a healthy
-run writes nothing, and a SIGKILL during an outage loses at most the items of the last ~0.5 s.
+SPILL_AFTER_S (0.2 s) after it was logged; its WAL thread looks every 0.2 s, and `close` or
+`stop_soon` spill everything at once. So a healthy run writes nothing, and a SIGKILL (during an
+outage or not) loses at most the undelivered items of the last ~0.5 s (longer only if the
+machine is too loaded to schedule the WAL thread). Lines go to the kernel with one write() and
+a flush, which a killed process cannot lose; they are not fsynced one by one, so a power cut can
+lose more.
+
 Items are delivered strictly in seq order, so one number (the ack) records progress; it is
 written after every delivered batch that the WAL holds. The only duplicate a crash can cause is
 the batch in flight when it happened (sent, not yet acknowledged on disk); MLflow's SQL stores
@@ -31,9 +36,11 @@ G suffixes allowed). Past it, new items stay in memory while there is room there
 counted as lost; the loss is logged as an error when it starts and again by `close`.
 
 Next start: a new session sends what older sessions' WALs still hold (those logging to the same
-URI; others are left for `replay`) to the run each was logging to, before its own items.
-`python -m dist_free.tracking replay RUN_DIR` does the same for every WAL in RUN_DIR and
-rewrites each file atomically to what is left.
+URI; others are left for `replay`) to the run each was logging to, before its own items; a
+session that never reached the server gets its run created then. An older session's end status
+is skipped when it names the run now being continued. `python -m dist_free.tracking replay
+RUN_DIR` does the same for every WAL in RUN_DIR (see replay.py). Artifacts in a WAL are staged
+copies inside RUN_DIR (staging.py); replay uploads nothing from outside RUN_DIR.
 """
 
 from __future__ import annotations
@@ -148,9 +155,6 @@ class Ack:
     kept: list[int] = field(default_factory=list)
     run_id: str | None = None
 
-    def pending(self, seq: int) -> bool:
-        return seq > self.seq or seq in self.kept
-
     def text(self) -> str:
         return json.dumps({"seq": self.seq, "kept": sorted(self.kept), "run_id": self.run_id})
 
@@ -228,8 +232,9 @@ def header_of(path: Path, problems: list[Problem]) -> dict:
 
 def pending_items(path: Path, ack: Ack, problems: list[Problem]) -> Iterator[tuple[int, dict]]:
     """(seq, item) for every item not yet delivered, in file order."""
+    kept = set(ack.kept)
     for lineno, obj in records(path, problems):
-        if lineno > 1 and ack.pending(obj["seq"]):
+        if lineno > 1 and (obj["seq"] > ack.seq or obj["seq"] in kept):
             seq = obj.pop("seq")
             yield seq, obj
 
