@@ -47,6 +47,7 @@ class Hooks:
     """Points where a caller may look at the run (tests, instrumentation); each does nothing here."""
 
     def after_restore(self, run: Run) -> None: ...
+    def before_write(self, run: Run) -> None: ...      # rank 0, just before a checkpoint write
     def after_save(self, run: Run) -> None: ...
     def after_finish(self, run: Run) -> None: ...
 
@@ -356,6 +357,7 @@ def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
                  "eval_pending": eval_pending, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,
                  "git_commit": run.commit, "world_size": run.d.world_size, "eval": report}
+        run.hooks.before_write(run)
         last = checkpoint.save_atomic(state, checkpoint.checkpoint_dir(run.run_dir) / "last.pt")
         if is_best:
             checkpoint.copy_atomic(last, last.with_name("best.pt"))

@@ -8,7 +8,8 @@ import sys
 import time
 
 import pytest
-from helpers_launch import PROBE, ROOT, assert_ok, demo_args, probe_env, run_cmd, wait_for_file
+from helpers_launch import PROBE, ROOT, assert_ok, demo_args, free_port, probe_env, run_cmd, wait_for_file
+from mlflow import MlflowClient
 
 from dist_free import checkpoint
 from dist_free.validation import CollapseGuard, probe_points
@@ -52,6 +53,52 @@ def test_a_stop_during_evaluation_exits_at_once_and_the_restart_redoes_it(demo_r
     assert json.loads((tmp_path / "demo" / "eval" / "epoch_001.json").read_text())["epoch"] == 1
     final = checkpoint.load(last)
     assert final["epoch"] == 2 and not final["eval_pending"]
+
+
+def test_a_sigterm_during_a_checkpoint_write_finishes_the_write_then_stops(demo_root, tmp_path):
+    cmd = [sys.executable, PROBE, *demo_args(demo_root, tmp_path, "optim.epochs=8")]
+    started = time.monotonic()
+    proc = run_cmd(cmd, tmp_path, env={"PROBE_SIGTERM_IN_WRITE": "1"})
+    assert_ok(proc)
+    assert "stopped on SIGTERM at epoch 1 batch" in proc.stderr
+    saved = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
+    # The write the signal interrupted completed (epoch 1), and the stop came within the next
+    # log window of epoch 2 (log_every=5), saved mid-epoch.
+    assert saved["epoch"] == 1 and 1 <= saved["batch_in_epoch"] <= 5
+    assert not list((tmp_path / "demo" / "checkpoints").glob(".*tmp"))
+    assert time.monotonic() - started < 120
+
+
+def test_a_sigterm_during_a_tracking_outage_stops_fast_and_loses_no_metric(demo_root, tmp_path):
+    closed_port = free_port()                  # nothing listens there: the server is "down"
+    args = [a for a in demo_args(demo_root, tmp_path, "optim.epochs=8", "run.log_every=2")
+            if not a.startswith("tracking.")]
+    cmd = [sys.executable, PROBE, *args, f"tracking.uri=http://127.0.0.1:{closed_port}",
+           "tracking.system_metrics=false"]
+    proc = start(cmd, tmp_path)
+    try:
+        for line in proc.stdout:
+            if "epoch 1/2 6/" in line:
+                sent = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert took < GRACE_S, f"{took:.1f} s to stop"
+    saved = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
+    # Everything logged is in the run's write-ahead log; replay delivers each step once.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    replay = run_cmd([sys.executable, "-m", "dist_free.tracking", "replay",
+                      str(tmp_path / "demo"), "--uri", store], tmp_path)
+    assert replay.returncode == 0, replay.stderr
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("dist-free").experiment_id])
+    assert run.info.status == "KILLED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(2, saved["global_step"] + 1, 2))
 
 
 def test_best_pt_is_selected_on_the_holdout_and_reports_say_so(demo_root, tmp_path):

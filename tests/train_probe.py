@@ -3,9 +3,11 @@
 PROBE_OUT=dir: each rank saves its final weights and method state to dir/rank<R>.pt, and what it
 resumed from to dir/resumed_rank<R>.pt. PROBE_DIE_AFTER_EPOCH=k: rank 1 of the first torchrun
 attempt dies (os._exit) after its k-th epoch checkpoint, as a killed worker would.
+PROBE_SIGTERM_IN_WRITE=1: the process sends itself SIGTERM as its first checkpoint write begins.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +27,11 @@ class Probe(Hooks):
     def after_restore(self, run):
         torch.save({"model": run.model.state_dict(), "epoch": run.epoch,
                     "global_step": run.global_step}, OUT / f"resumed_rank{run.d.rank}.pt")
+
+    def before_write(self, run):
+        if os.environ.get("PROBE_SIGTERM_IN_WRITE") and not getattr(self, "signalled", False):
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def after_save(self, run):
         die_after = os.environ.get("PROBE_DIE_AFTER_EPOCH")
