@@ -24,6 +24,17 @@ def start(cmd, tmp_path):
                             stderr=subprocess.STDOUT, text=True)
 
 
+def stop_and_time(proc, sig=signal.SIGTERM) -> str:
+    """Send `sig`; assert a clean exit within the grace period; return the output."""
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 0, out[-3000:]
+    assert took < GRACE_S, f"{took:.1f} s to stop"
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_during_evaluation_exits_at_once_and_the_restart_redoes_it(demo_root, tmp_path, sig):
     # A slow evaluation (PGD-300 x 2 on the whole val set, ~1 s a batch) that the signal cuts.
@@ -35,14 +46,9 @@ def test_a_stop_during_evaluation_exits_at_once_and_the_restart_redoes_it(demo_r
     try:
         wait_for_file(last, proc)       # written before the evaluation starts
         time.sleep(1.0)
-        sent = time.monotonic()
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=120)
-        took = time.monotonic() - sent
+        out = stop_and_time(proc, sig)
     finally:
         proc.kill()
-    assert proc.returncode == 0, out[-3000:]
-    assert took < GRACE_S, f"{took:.1f} s to stop"
     assert f"stopped on {sig.name} during the epoch 1 evaluation" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
     saved = checkpoint.load(last)
@@ -77,17 +83,10 @@ def test_a_sigterm_during_a_tracking_outage_stops_fast_and_loses_no_metric(demo_
            "tracking.system_metrics=false"]
     proc = start(cmd, tmp_path)
     try:
-        for line in proc.stdout:
-            if "epoch 1/2 6/" in line:
-                sent = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                break
-        out, _ = proc.communicate(timeout=120)
-        took = time.monotonic() - sent
+        next(line for line in proc.stdout if "epoch 1/2 6/" in line)
+        stop_and_time(proc)
     finally:
         proc.kill()
-    assert proc.returncode == 0, out[-3000:]
-    assert took < GRACE_S, f"{took:.1f} s to stop"
     saved = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
     # Everything logged is in the run's write-ahead log; replay delivers each step once.
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
