@@ -4,6 +4,15 @@ Attacks run the model in eval mode and differentiate with respect to the input o
 (`torch.autograd.grad`), so they never touch weights, their `.grad`, or BatchNorm running
 statistics; the model's train/eval mode is restored afterwards. Pass an unwrapped model, not a
 DDP wrapper: DDP would wait for a gradient all-reduce that an input-only backward never starts.
+
+Precision: everything runs in fp32 unless `amp_dtype` (bf16 or fp16) is passed explicitly; an
+attack run in low precision can report robustness that is only rounding (gradients that vanish
+or lose their sign). The input gradient comes from a *sum*-reduced cross-entropy: a mean would
+divide every sample's gradient by the batch size, pushing small gradients below what fp16/bf16
+can represent, while the sign step only needs each sample's direction.
+
+Randomness: PGD's random starts come from `generator` when one is given, so an evaluation can
+make them depend only on the batch they attack (see dist_free.evaluate), never on the global RNG.
 """
 
 from __future__ import annotations
@@ -27,25 +36,32 @@ def eval_mode(model: torch.nn.Module):
 
 
 def _logits(model, x, amp_dtype):
+    # fp32 input: a GPU loader hands fp16 batches, which an fp32 model without autocast refuses.
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return model(x).float()
+        return model(x.float()).float()
 
 
 def _input_grad(model, x, labels, amp_dtype):
     x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(_logits(model, x, amp_dtype), labels)
+    loss = F.cross_entropy(_logits(model, x, amp_dtype), labels, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x)
     return grad
 
 
+def _random_start(x, eps, generator):
+    # linf.random_start's uniform draw, but from `generator` when given (None: the global RNG).
+    return torch.empty_like(x, dtype=torch.float32).uniform_(-eps, eps, generator=generator)
+
+
 def pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
         steps: int, step_size: float | None = None, random_start: bool = True,
-        amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+        amp_dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None) -> torch.Tensor:
     """One PGD run; returns the adversarial images, in [0, 1] and within eps of `images`."""
     step_size = step_size if step_size is not None else 2.5 * eps / steps
     x = images.float()
     with eval_mode(model):
-        delta = linf.random_start(x, eps) if random_start else torch.zeros_like(x)
+        delta = _random_start(x, eps, generator) if random_start else torch.zeros_like(x)
         delta = linf.clamp_pixels(x + delta) - x
         for _ in range(steps):
             grad = _input_grad(model, x + delta, labels, amp_dtype)
@@ -72,16 +88,18 @@ def correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def robust_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                    eps: float, steps: int, step_size: float | None = None, restarts: int = 1,
-                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   amp_dtype: torch.dtype | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sample bool: correctly classified after every one of `restarts` PGD runs.
 
-    A sample broken by any restart counts as broken (the worst case over restarts).
+    A sample broken by any restart counts as broken (the worst case over restarts). The restarts
+    draw their random starts one after the other from `generator` (None: the global RNG).
     """
     if restarts < 1 or steps < 1:
         raise ValueError(f"restarts and steps must be >= 1, got restarts={restarts}, steps={steps}")
     survived = correct(model, images, labels, amp_dtype)
     for _ in range(restarts):
         x_adv = pgd(model, images, labels, eps=eps, steps=steps, step_size=step_size,
-                    amp_dtype=amp_dtype)
+                    amp_dtype=amp_dtype, generator=generator)
         survived &= correct(model, x_adv, labels, amp_dtype)
     return survived

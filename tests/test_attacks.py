@@ -69,3 +69,42 @@ def test_bad_restarts_are_refused(trained):
     model, x, y = trained
     with pytest.raises(ValueError, match="restarts"):
         attacks.robust_correct(model, x, y, eps=0.1, steps=1, restarts=0)
+
+
+def test_every_attack_path_runs_in_fp32_unless_amp_is_asked_for(trained):
+    """A GPU loader hands fp16 batches; no attack may quietly run the model in low precision."""
+    from dist_free.evaluate import evaluate
+    model, x, y = trained
+    x = x[:16].half()
+    seen = []
+    model.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
+    attacks.correct(model, x, y[:16], topk=5)
+    attacks.fgsm(model, x, y[:16], eps=8 / 255)
+    attacks.robust_correct(model, x, y[:16], eps=8 / 255, steps=2, restarts=2)
+    evaluate(model, [(x, y[:16])], eps_values=[8 / 255], steps=2)
+    assert len(seen) > 10 and set(seen) == {(torch.float32, torch.float32)}
+    seen.clear()
+    attacks.robust_correct(model, x, y[:16], eps=8 / 255, steps=2, amp_dtype=torch.bfloat16)
+    assert {out for _, out in seen} == {torch.bfloat16}     # the probe does see autocast
+
+
+def test_each_samples_input_gradient_is_independent_of_the_batch_size(trained):
+    """Sum-reduced loss: a mean would shrink every gradient by 1/batch (underflow in bf16)."""
+    model, x, y = trained
+    alone = attacks._input_grad(model.eval(), x[:1], y[:1], None)
+    in_batch = attacks._input_grad(model, x[:64], y[:64], None)[:1]
+    assert alone.abs().sum() > 0
+    torch.testing.assert_close(in_batch, alone, rtol=1e-4, atol=1e-7)
+
+
+def test_a_generator_makes_pgd_repeatable_and_leaves_the_global_rng_alone(trained):
+    model, x, y = trained
+    state = torch.get_rng_state()
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return attacks.pgd(model, x, y, eps=0.1, steps=1, step_size=1e-9, generator=g)
+
+    first, again, other = run(0), run(0), run(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(torch.get_rng_state(), state)
