@@ -12,6 +12,13 @@ training set split into world_size disjoint shards of equal length; the last par
 batch is dropped, so every image is seen at most once per epoch, all but fewer than
 world_size * batch_size images are seen, and every rank runs the same number of steps. Val
 splits the sorted listing into contiguous, unpadded ranges: each image is counted exactly once.
+
+Honest selection (fixed, seed-independent choices; see datasets.py for the order):
+    holdout=N   split "train" leaves out N fixed training images; split "holdout" reads exactly
+                those N with the val transforms (resize + centre crop), sharded like val.
+    subset=N    split "val" or "holdout" reads only its first N images in the fixed order.
+    whole_batches=True   val/holdout shards are whole global batches, so each batch holds the
+                same images on any world size (see sharding.py).
 """
 
 from __future__ import annotations
@@ -22,17 +29,27 @@ from pathlib import Path
 
 import torch
 
-from .datasets import Listing, list_split, prepare_flat_val
+from .datasets import (
+    SELECTION,
+    Listing,
+    holdout_split,
+    list_split,
+    prepare_flat_val,
+    selection_sha256,
+    take_subset,
+)
 from .errors import DataError
 from .loader import Augment, BatchFormat
 from .verify import check_dataset, scan
 
 __all__ = ["build_loader", "check_dataset", "DataError", "KINDS", "resolve_kind", "scan",
-           "list_split", "prepare_flat_val", "Listing"]
+           "list_split", "prepare_flat_val", "Listing", "split_listing", "selection_sha256",
+           "SELECTION", "LOADER_SPLITS"]
 
 KINDS = ("auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic")
 # Sizes the synthetic source pretends to have when given no dataset root (ImageNet-1k).
 IMAGENET_SIZES = {"train": 1_281_167, "val": 50_000}
+LOADER_SPLITS = ("train", "val", "holdout")
 
 
 def dali_available() -> bool:
@@ -64,19 +81,23 @@ def default_threads(world_size: int) -> int:
 def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=256,
                  min_area=0.08, rank=0, world_size=1, seed=0, device=torch.device("cpu"),
                  dtype=torch.float32, channels_last=False, num_threads=None, num_classes=None,
-                 class_to_idx=None):
+                 class_to_idx=None, holdout: int = 0, subset: int | None = None,
+                 whole_batches: bool = False):
     """A loader of this rank's batches of ROOT's split; see the module docstring."""
     device = torch.device(device)
     kind = resolve_kind(kind, device)
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
+    check_selection(split, holdout, subset)
     augment = Augment(image_size, val_resize, min_area)
     fmt = BatchFormat(device, dtype, channels_last)
     common = dict(rank=rank, world_size=world_size, seed=seed, augment=augment, fmt=fmt)
     if kind == "synthetic":
-        return synthetic_loader(root, split, batch_size, num_classes, class_to_idx, common)
-    listing = check_dataset(root, split, num_classes, class_to_idx)
+        return synthetic_loader(root, split, batch_size, num_classes, class_to_idx, common,
+                                holdout, subset)
+    listing = split_listing(root, split, num_classes, class_to_idx, holdout, subset)
     threads = num_threads or default_threads(world_size)
+    common["whole_batches"] = whole_batches
     if kind == "torchvision":
         from .folder import FolderLoader
         return FolderLoader(listing, split, batch_size, num_workers=threads, **common)
@@ -85,12 +106,51 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
                       **common)
 
 
-def synthetic_loader(root, split, batch_size, num_classes, class_to_idx, common):
+def check_selection(split: str, holdout, subset) -> None:
+    if split not in LOADER_SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {LOADER_SPLITS}")
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+        raise DataError(f"holdout must be a whole number >= 0, got {holdout!r}")
+    if split == "holdout" and holdout == 0:
+        raise DataError("split 'holdout' needs holdout > 0 (how many training images to hold out)")
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int)):
+        raise DataError(f"subset must be a whole number or None, got {subset!r}")
+    if subset is not None and split == "train":
+        raise DataError("subset applies to the 'val' and 'holdout' splits, not 'train'")
+
+
+def split_listing(root, split: str, num_classes=None, class_to_idx=None, holdout: int = 0,
+                  subset: int | None = None) -> Listing:
+    """The files a loader of `split` reads: checked, minus or restricted to the fixed
+    held-out images, cut to the fixed subset; see the module docstring."""
+    check_selection(split, holdout, subset)
+    source = "train" if split == "holdout" else split
+    listing = check_dataset(root, source, num_classes, class_to_idx)
+    if source == "train" and holdout:
+        train, held = holdout_split(listing, holdout)
+        listing = held if split == "holdout" else train
+    return take_subset(listing, subset, f"split {split!r}") if subset is not None else listing
+
+
+def synthetic_loader(root, split, batch_size, num_classes, class_to_idx, common, holdout=0,
+                     subset=None):
     from .synthetic import SyntheticLoader
     if root is not None and Path(root).exists():
-        listing = check_dataset(root, split, num_classes, class_to_idx)
+        listing = split_listing(root, split, num_classes, class_to_idx, holdout, subset)
         size, classes = len(listing), listing.class_to_idx
     else:
-        size = IMAGENET_SIZES[split] if split in IMAGENET_SIZES else IMAGENET_SIZES["val"]
+        size = synthetic_size(split, holdout, subset)
         classes = class_to_idx or {str(i): i for i in range(num_classes or 1000)}
     return SyntheticLoader(size, classes, split, batch_size, **common)
+
+
+def synthetic_size(split: str, holdout: int, subset: int | None) -> int:
+    """The pretend ImageNet-1k split's size, after the same selection a real one would get."""
+    train = IMAGENET_SIZES["train"]
+    if holdout >= train:
+        raise DataError(f"holdout={holdout} must be smaller than the {train} training images")
+    size = {"train": train - holdout, "holdout": holdout}.get(split, IMAGENET_SIZES["val"])
+    if subset is not None and not 0 < subset <= size:
+        raise DataError(f"subset={subset} must be between 1 and the {size} images of "
+                        f"split {split!r}")
+    return subset if subset is not None else size

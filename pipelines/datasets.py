@@ -11,10 +11,18 @@ Layouts understood under a dataset root:
                  ImageNet's flat ILSVRC2012_val_*.JPEG folder. A list takes precedence over folders.
 The class map is always the sorted class-folder names of ROOT/train (or of the split itself when
 there is no train folder), so train and val agree and a checkpoint can store and check it.
+
+Fixed selections (``holdout_split``, ``take_subset``): images are ranked by the SHA-1 of their
+file name, ties (the same name in two class folders) broken by the label, and the first N are
+taken. The rank depends on nothing else (no seed, no world size, no folder layout: ImageNet's
+flat val folder and its class-folder form give the same images), so a held-out set or an
+evaluation subset is the same for every run, checkpoint and machine. ``selection_sha256``
+fingerprints a selection (its "name label" lines, in order) so a report can prove which it used.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +43,45 @@ class Listing:
 
     def __len__(self) -> int:
         return len(self.files)
+
+
+SELECTION = ("the first N in order of sha1(file name), ties by label; "
+             "independent of seed, world size and folder layout")
+
+
+def fixed_order(listing: Listing) -> list[int]:
+    """Indices of the listing in the fixed selection order (see the module docstring)."""
+    keys = [(hashlib.sha1(f.name.encode()).hexdigest(), label)
+            for f, label in zip(listing.files, listing.labels)]
+    return sorted(range(len(listing)), key=keys.__getitem__)
+
+
+def select(listing: Listing, indices) -> Listing:
+    return Listing(tuple(listing.files[i] for i in indices),
+                   tuple(listing.labels[i] for i in indices), listing.class_to_idx)
+
+
+def holdout_split(train: Listing, holdout: int) -> tuple[Listing, Listing]:
+    """(train without the held-out images, the `holdout` held-out images in the fixed order)."""
+    if not 0 <= holdout < len(train):
+        raise DataError(f"holdout={holdout} must be at least 0 and smaller than the "
+                        f"{len(train)} training images")
+    held = fixed_order(train)[:holdout]
+    kept = sorted(set(range(len(train))) - set(held))
+    return select(train, kept), select(train, held)
+
+
+def take_subset(listing: Listing, n: int, what: str) -> Listing:
+    """The first n images of the listing in the fixed selection order."""
+    if not 0 < n <= len(listing):
+        raise DataError(f"subset={n} must be between 1 and the {len(listing)} images of {what}")
+    return select(listing, fixed_order(listing)[:n])
+
+
+def selection_sha256(listing: Listing) -> str:
+    """SHA-256 of the listing's "file-name label" lines, in order: which images, which labels."""
+    text = "".join(f"{f.name} {label}\n" for f, label in zip(listing.files, listing.labels))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_list_path(root: Path, split: str) -> Path:

@@ -42,9 +42,11 @@ class ShardedLoader:
     kind = "abstract"
 
     def __init__(self, listing: Listing, split: str, batch_size: int, *, rank: int,
-                 world_size: int, seed: int, augment: Augment, fmt: BatchFormat):
+                 world_size: int, seed: int, augment: Augment, fmt: BatchFormat,
+                 whole_batches: bool = False):
         check_rank(rank, world_size)
         self.listing, self.split, self.batch_size = listing, split, batch_size
+        self.whole_batches = whole_batches
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.augment, self.format = augment, fmt
         self.class_to_idx = dict(listing.class_to_idx)
@@ -60,7 +62,8 @@ class ShardedLoader:
         if self.split == "train":
             return train_shard(len(self.listing), self.batch_size, self.rank, self.world_size,
                                self.seed, self.epoch)
-        return val_shard(len(self.listing), self.rank, self.world_size)
+        block = self.batch_size if self.whole_batches else 1
+        return val_shard(len(self.listing), self.rank, self.world_size, block)
 
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size)

@@ -9,6 +9,12 @@ the next epoch's permutation drops a different handful. No image is ever seen tw
 Val: the sorted listing is cut into ``world_size`` contiguous ranges whose sizes differ by at
 most one; nothing is padded or dropped, so summing counts across ranks counts each image once.
 A rank's last val batch may be smaller, and ranks may differ by one batch.
+
+Val in whole batches (``block=batch_size``): the listing is first cut into global batches of
+``block`` images (the last may be smaller) and each rank gets a contiguous range of whole
+batches, so batch b holds the same images on any world size. Attacks whose result for an image
+depends on the rest of its batch (AutoAttack's random draws) then give the same per-image
+results on 1 or N ranks. Ranks may differ by one batch, and a rank may get none.
 """
 
 from __future__ import annotations
@@ -41,10 +47,11 @@ def train_shard(num_images: int, batch_size: int, rank: int, world_size: int,
     return order[rank::world_size].tolist()
 
 
-def val_shard(num_images: int, rank: int, world_size: int) -> list[int]:
-    """A contiguous, unpadded range of the sorted listing."""
-    start = rank * num_images // world_size
-    stop = (rank + 1) * num_images // world_size
+def val_shard(num_images: int, rank: int, world_size: int, block: int = 1) -> list[int]:
+    """A contiguous, unpadded range of the listing, made of whole blocks of `block` images."""
+    blocks = math.ceil(num_images / block)
+    start = min(num_images, rank * blocks // world_size * block)
+    stop = min(num_images, (rank + 1) * blocks // world_size * block)
     return list(range(start, stop))
 
 
