@@ -1,16 +1,20 @@
-"""`python -m dist_free.evaluate`: exact counts on any number of ranks, the eps sweep's outputs."""
+"""`python -m dist_free.evaluate`: exact counts on any number of ranks, a report that states its
+protocol, the eps sweep's outputs, flag checks, MLflow."""
 
+import hashlib
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from test_train import ROOT, probe_env, torchrun
 
+import pipelines
 from dist_free import checkpoint
 from dist_free.config import load_config
+from dist_free.evaluate import main, masking, parse_args, print_report
 from dist_free.models import build_model
-from test_train import ROOT, probe_env, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -21,35 +25,149 @@ def ckpt(demo_root, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg.model.name, cfg.model.num_classes)
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    checkpoint.save_atomic({"model": model.state_dict(), "epoch": 1, "config": cfg.to_dict(),
+    checkpoint.save_atomic({"model": model.state_dict(), "epoch": 1, "global_step": 7,
+                            "config": cfg.to_dict(),
                             "class_to_idx": {str(i): i for i in range(10)}}, path)
     return path
 
 
 def evaluate(launcher, ckpt, out, *args):
     proc = subprocess.run([*launcher, "-m", "dist_free.evaluate", "--checkpoint", str(ckpt),
-                           "--steps", "2", "--out", str(out), *args], cwd=ROOT,
+                           "--steps", "2", "--restarts", "1", "--out", str(out), *args], cwd=ROOT,
                           env=probe_env(out), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "eval_eps_sweep.json").read_text())
+    (report,) = out.glob("eval_*.json")
+    return json.loads(report.read_text()), report
 
 
 def test_counts_are_exact_and_identical_on_one_and_two_ranks(ckpt, tmp_path):
-    one = evaluate([sys.executable], ckpt, tmp_path / "one", "--eps", "0,2/255,8/255")
-    two = evaluate(torchrun("--nproc_per_node=2", "--standalone"), ckpt, tmp_path / "two",
-                   "--eps", "0,2/255,8/255")
-    assert one["samples"] == two["samples"] == 359       # every val digit once, no padding
-    assert one["top1"] == two["top1"] and one["top5"] == two["top5"]
-    assert one["pgd"]["0.0"] == one["top1"]
+    one, path = evaluate([sys.executable], ckpt, tmp_path / "one", "--eps", "0,2/255,8/255")
+    two, _ = evaluate(torchrun("--nproc_per_node=2", "--standalone"), ckpt, tmp_path / "two",
+                      "--eps", "0,2/255,8/255")
+    assert one["images"] == two["images"] == 359       # every val digit once, no padding
+    assert one["clean"] == two["clean"]
+    assert one["results"] == two["results"]            # PGD's random starts included
+    assert one["results"][0]["robust_top1"] == one["clean"]["top1"]    # eps 0
+    assert path.name == "eval_pgd2x1_eps0-2-8_fp32_all.json"
 
 
-def test_sweep_writes_a_table_and_a_plot(ckpt, tmp_path):
-    result = evaluate([sys.executable], ckpt, tmp_path, "--eps", "0,4/255,16/255")
-    assert set(result["pgd"]) == {"0.0", str(4 / 255), str(16 / 255)}
-    assert all(0 <= v <= 1 for v in result["pgd"].values())
-    table = (tmp_path / "eval_eps_sweep.md").read_text()
+def test_the_report_states_its_protocol(ckpt, tmp_path):
+    report, _ = evaluate([sys.executable], ckpt, tmp_path, "--eps", "4/255", "--subset", "40")
+    assert report["checkpoint"] == {"path": str(ckpt), "epoch": 1, "global_step": 7,
+                                    "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+    assert report["split"] == "val" and report["images"] == 40 and report["dtype"] == "fp32"
+    assert report["world_size"] == 1 and report["seconds"] > 0
+    chosen = pipelines.split_listing(report_root(ckpt), "val", subset=40)
+    assert report["subset"] == {"n": 40, "selection": pipelines.SELECTION,
+                                "files_sha256": pipelines.selection_sha256(chosen)}
+    assert set(report["clean"]) == {"top1", "top5"}
+    assert report["results"] == [{"attack": "pgd", "eps": 4 / 255, "steps": 2, "restarts": 1,
+                                  "step_size": 2.5 * (4 / 255) / 2, "loss": "ce",
+                                  "robust_top1": report["results"][0]["robust_top1"]}]
+    assert report["gradient_masking"] is None
+
+
+def report_root(ckpt):
+    return checkpoint.load(ckpt)["config"]["data"]["root"]
+
+
+def test_sweep_writes_a_table_and_a_plot_that_name_the_protocol(ckpt, tmp_path):
+    report, path = evaluate([sys.executable], ckpt, tmp_path, "--eps", "0,4/255,16/255")
+    assert [r["eps"] for r in report["results"]] == [0.0, 4 / 255, 16 / 255]
+    assert all(0 <= r["robust_top1"] <= 1 for r in report["results"])
+    table = path.with_suffix(".md").read_text()
     assert "| 0.01569 | 4.00 |" in table and "| 0.06275 | 16.00 |" in table
-    assert (tmp_path / "eval_eps_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "PGD-2 x 1 restarts" in table and "fp32" in table and "359 val images (all)" in table
+    assert str(ckpt) in table
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_final_protocol_is_the_default():
+    args = parse_args(["--checkpoint", "best.pt"])
+    assert (args.steps, args.restarts, args.attack, args.amp) == (50, 10, ("pgd",), "off")
+    assert args.subset is None and args.masking_gap == 0.03
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", "0"], "--steps"), (["--steps", "2.5"], "--steps"),
+    (["--restarts", "-1"], "--restarts"), (["--subset", "ten"], "--subset"),
+    (["--subset", "0"], "--subset"), (["--step-size", "abc"], "--step-size"),
+    (["--step-size", "0"], "--step-size"), (["--attack", "fgsm"], "--attack"),
+    (["--amp", "int8"], "--amp"), (["--eps", "1/0"], "--eps"),
+    (["--attack", "pgd,autoattack", "--amp", "bf16"], "--amp"),
+    (["--masking-gap", "2"], "--masking-gap")])
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(flags, named, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["--checkpoint", "nowhere.pt", *flags])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2
+    assert named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_autoattack_without_its_package_fails_before_reading_data(ckpt, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)     # as if not installed
+    assert main(["--checkpoint", str(ckpt), "--attack", "autoattack", "data.root=/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'dist-free[eval]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_gap_above_the_threshold_is_flagged_loudly(capsys):
+    rows = [{"attack": "pgd", "eps": 0.1, "steps": 50, "restarts": 10, "step_size": 0.005,
+             "loss": "ce", "robust_top1": 0.50},
+            {"attack": "autoattack", "version": "standard", "eps": 0.1,
+             "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "robust_top1": 0.44,
+             "robust_after": {"apgd-ce": 0.47, "apgd-t": 0.45, "fab-t": 0.45, "square": 0.44}}]
+    gap = masking(rows, 0.03)
+    assert gap["flagged"] and gap["pgd_minus_autoattack"] == pytest.approx(0.06)
+    assert not masking(rows, 0.07)["flagged"]
+    report = {"images": 100, "subset": None, "world_size": 1, "dtype": "fp32",
+              "clean": {"top1": 0.9, "top5": 1.0}, "results": rows, "gradient_masking": gap}
+    print_report(report)
+    out, err = capsys.readouterr()
+    assert "POSSIBLE GRADIENT MASKING" in err
+    assert "PGD-50 x 10 restarts" in out and "AutoAttack standard" in out
+
+
+def with_mlflow_run(ckpt, tmp_path, uri):
+    """A copy of the checkpoint that names a fresh MLflow run (as the trainer's do)."""
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    state = checkpoint.load(ckpt)
+    path = checkpoint.save_atomic({**state, "mlflow_run_id": run_id}, tmp_path / "best.pt")
+    return path, client, run_id
+
+
+def test_final_numbers_and_protocol_go_to_the_checkpoints_mlflow_run(ckpt, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path, client, run_id = with_mlflow_run(ckpt, tmp_path, uri)
+    assert main(["--checkpoint", str(path), "--subset", "16", "--steps", "1", "--restarts", "1",
+                 "--eps", "8/255", "--out", str(tmp_path / "out"), "tracking.enabled=true",
+                 f"tracking.uri={uri}"]) == 0
+    (report_path,) = (tmp_path / "out").glob("eval_*.json")
+    report = json.loads(report_path.read_text())
+    run = client.get_run(run_id)
+    assert run.data.metrics["final/clean_top1"] == report["clean"]["top1"]
+    assert run.data.metrics["final/pgd1x1_top1"] == report["results"][0]["robust_top1"]
+    tags = run.data.tags
+    assert tags["final.images"] == "16" and tags["final.dtype"] == "fp32"
+    assert tags["final.attack"].startswith("PGD-1 x 1 restarts")
+    assert report["subset"]["files_sha256"] in tags["final.subset"]
+    assert report["checkpoint"]["sha256"] in tags["final.checkpoint"]
+    assert [a.path for a in client.list_artifacts(run_id, "final_eval")] == \
+        [f"final_eval/{report_path.name}"]
+
+
+def test_an_unreachable_tracking_server_only_warns(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    state = checkpoint.load(ckpt)
+    path = checkpoint.save_atomic({**state, "mlflow_run_id": "0" * 32}, tmp_path / "best.pt")
+    assert main(["--checkpoint", str(path), "--subset", "8", "--steps", "1", "--restarts", "1",
+                 "tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"]) == 0
+    assert "warning: could not log to MLflow run" in capsys.readouterr().err
+    assert len(list(tmp_path.glob("eval_pgd1x1_*_subset8.json"))) == 1    # beside the checkpoint
 
 
 def test_a_bad_checkpoint_gives_a_clear_error(tmp_path):
@@ -61,9 +179,9 @@ def test_a_bad_checkpoint_gives_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-
 def _broadcast_worker(rank, port, out):
     import torch.distributed as dist
+
     from dist_free.distributed import broadcast_buffers
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
