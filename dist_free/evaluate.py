@@ -285,7 +285,14 @@ def sha256_file(path: Path) -> str:
 
 def build_report(args, state: dict, result: dict, eps_values: list[float], loader,
                  world_size: int, seconds: float) -> dict:
-    """The report's schema; another tool (dist_free.export) reads it, so keep its keys."""
+    """The report (dist_free.export reads it, so keep its keys):
+
+    checkpoint {path, sha256, epoch, global_step}, split "val", images, subset (null or {n,
+    selection, files_sha256}), dtype, world_size, seconds, clean {top1, top5}, results (one per
+    attack per eps; see result_rows), gradient_masking (null or {pgd_minus_autoattack,
+    threshold, flagged, eps}). batch_size and seed are recorded too: AutoAttack's per-image
+    results depend on the batch an image is attacked in (see dist_free.autoattack).
+    """
     import pipelines
     listing = getattr(loader, "listing", None)
     subset = None if args.subset is None else {
