@@ -49,7 +49,8 @@ class DataConfig:
     global_batch: int | None = None  # images per SGD step over all ranks: per-rank batch is
                                      # global_batch / world_size, so a recipe does not change
                                      # with the number of GPUs
-    val_batch_size: int | None = None  # per rank; default batch_size
+    val_batch_size: int | None = None  # evaluation batch per rank; default batch_size (even with
+                                       # global_batch: it must not depend on the world size)
     image_size: int = 224            # train crop and val crop, pixels
     val_resize: int = 256            # val: shorter side resized to this, then centre crop
     min_area: float = 0.08           # random-resized-crop area range [min_area, 1]

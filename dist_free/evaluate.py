@@ -200,17 +200,10 @@ def checkpoint_config(state: dict, overrides: list[str]):
 
 
 def val_loader(cfg, d, class_to_idx, subset: int | None):
-    """The run's val pipeline (as runtime.build_loader builds it), cut in whole batches."""
-    import pipelines
+    """The run's val pipeline, cut in whole batches (the same images per batch on any world size:
+    AutoAttack's per-image results depend on the batch an image is attacked in)."""
     from dist_free import runtime
-    data = cfg.data
-    return pipelines.build_loader(
-        data.loader, data.root, "val", batch_size=data.val_batch_size or data.batch_size,
-        image_size=data.image_size, val_resize=data.val_resize, min_area=data.min_area,
-        rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, device=d.device,
-        dtype=runtime.loader_dtype(d.device), channels_last=cfg.model.channels_last,
-        num_threads=data.threads, num_classes=cfg.model.num_classes, class_to_idx=class_to_idx,
-        subset=subset, whole_batches=True)
+    return runtime.build_loader(cfg, d, "val", class_to_idx, subset=subset, whole_batches=True)
 
 
 def load_run(args):

@@ -24,7 +24,6 @@ from dist_free.export import export_checkpoint
 from dist_free.progress import Progress
 from dist_free.step_base import StepBase
 from dist_free.tracking import build_tracker, environment_tags
-from pipelines.crash_notes import check_crash_note
 
 log = logging.getLogger("dist_free.train")
 
@@ -82,14 +81,13 @@ class Run:
         resume = checkpoint.latest(run_dir)
         state = checkpoint.load(resume) if resume else None
         runtime.seed_everything(cfg.run.seed + d.rank)   # each rank its own augmentations/noise
-        train_loader = runtime.build_loader(cfg, d, "train", state and state.get("class_to_idx"))
-        val_loader = runtime.build_loader(cfg, d, "val", train_loader.class_to_idx)
-        holdout_loader = runtime.build_loader(cfg, d, "holdout", train_loader.class_to_idx) \
-            if cfg.eval.holdout else None
-        for split, loader in (("train", train_loader), ("val", val_loader),
-                              ("holdout", holdout_loader)):
-            if loader is not None:
-                watch_decoder(loader, run_dir / f".decoding_{split}_rank{d.rank}.json")
+        def loader(split, classes):
+            note = run_dir / f".decoding_{split}_rank{d.rank}.json"
+            return runtime.build_loader(cfg, d, split, classes, crash_note=note)
+
+        train_loader = loader("train", state and state.get("class_to_idx"))
+        val_loader = loader("val", train_loader.class_to_idx)
+        holdout_loader = loader("holdout", train_loader.class_to_idx) if cfg.eval.holdout else None
         model = runtime.build_bare_model(cfg, d.device)
         optimizer = runtime.build_optimizer(cfg, model, d.world_size)
         amp_dtype = runtime.resolve_amp(cfg.run.amp, d.device)
@@ -148,15 +146,6 @@ class Run:
         if not self.d.is_main or step <= self.logged_through:
             return
         self.tracker.log_metrics(metrics, step)
-
-
-def watch_decoder(loader, note: Path) -> None:
-    """Name the file if the last run's decoder crashed on it; keep notes for the next start."""
-    if not hasattr(loader, "crash_note"):
-        return
-    check_crash_note(note)
-    note.parent.mkdir(parents=True, exist_ok=True)
-    loader.crash_note = note
 
 
 def own_rank_state(state: dict, rank: int) -> dict:

@@ -45,19 +45,22 @@ def loader_dtype(device: torch.device) -> torch.dtype:
 
 
 def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None = None,
-                 **selection):
-    """This rank's loader of `split` (train, val or holdout); `selection` as pipelines takes it
-    (subset=, whole_batches=). The training split always leaves out eval.holdout images."""
+                 **options):
+    """This rank's loader of `split` (train, val or holdout); `options` as pipelines takes them
+    (subset=, whole_batches=, crash_note=). The training split always leaves out eval.holdout
+    images."""
     data = cfg.data
-    train_batch = cfg.per_rank_batch(d.world_size)
-    batch = train_batch if split == "train" else (data.val_batch_size or train_batch)
+    # Evaluation batches do not depend on the world size, so an evaluation batches the same
+    # images on any number of ranks.
+    batch = cfg.per_rank_batch(d.world_size) if split == "train" else \
+        (data.val_batch_size or data.batch_size)
     return pipelines.build_loader(
         data.loader, data.root, split, batch_size=batch, image_size=data.image_size,
         val_resize=data.val_resize, min_area=data.min_area, rank=d.rank,
         world_size=d.world_size, seed=cfg.run.seed, device=d.device,
         dtype=loader_dtype(d.device), channels_last=cfg.model.channels_last,
         num_threads=data.threads, num_classes=cfg.model.num_classes, class_to_idx=class_to_idx,
-        holdout=cfg.eval.holdout, **selection)
+        holdout=cfg.eval.holdout, **options)
 
 
 def build_bare_model(cfg: Config, device: torch.device) -> torch.nn.Module:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .crash_notes import check_crash_note
 from .datasets import (
     SELECTION,
     Listing,
@@ -82,8 +83,13 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
                  min_area=0.08, rank=0, world_size=1, seed=0, device=torch.device("cpu"),
                  dtype=torch.float32, channels_last=False, num_threads=None, num_classes=None,
                  class_to_idx=None, holdout: int = 0, subset: int | None = None,
-                 whole_batches: bool = False):
-    """A loader of this rank's batches of ROOT's split; see the module docstring."""
+                 whole_batches: bool = False, crash_note: Path | None = None):
+    """A loader of this rank's batches of ROOT's split; see the module docstring.
+
+    crash_note: where a DALI loader notes the files in flight, so that a decoder crash (a
+    segfault no Python survives) is blamed on its file at the next start: a note left by the
+    last run is checked here first. Other loaders raise errors naming the file and need none.
+    """
     device = torch.device(device)
     kind = resolve_kind(kind, device)
     if batch_size < 1:
@@ -102,8 +108,11 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
         from .folder import FolderLoader
         return FolderLoader(listing, split, batch_size, num_workers=threads, **common)
     from .dali import DaliLoader  # DALI is imported only when it is used
+    if crash_note is not None:
+        check_crash_note(crash_note)
+        crash_note.parent.mkdir(parents=True, exist_ok=True)
     return DaliLoader(listing, split, batch_size, gpu=kind == "dali-gpu", num_threads=threads,
-                      **common)
+                      crash_note=crash_note, **common)
 
 
 def check_selection(split: str, holdout, subset) -> None:

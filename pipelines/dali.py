@@ -58,12 +58,13 @@ def image_pipeline(files, labels, train: bool, augment: Augment, gpu: bool, dtyp
 class DaliLoader(ShardedLoader):
     """``kind`` is "dali-gpu" (mixed decoding on ``format.device``) or "dali-cpu"."""
 
-    def __init__(self, *args, gpu: bool, num_threads: int, **kwargs):
+    def __init__(self, *args, gpu: bool, num_threads: int, crash_note: Path | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.gpu, self.num_threads = gpu, num_threads
         self.kind = "dali-gpu" if gpu else "dali-cpu"
-        # Where to note the files being decoded (set by the trainer); see crash_notes.py.
-        self.crash_note: Path | None = None
+        # Where to note the files being decoded (None: nowhere); see crash_notes.py.
+        self.crash_note = crash_note
 
     def build(self, files, labels) -> DALIGenericIterator:
         dtype = DALI_DTYPES.get(self.format.dtype, types.FLOAT)  # others converted afterwards

@@ -24,10 +24,9 @@ def test_a_note_left_by_a_crash_names_the_damaged_file(demo_root, tmp_path):
 
 
 def test_the_loader_notes_its_prefetch_window_and_clears_it_after_the_epoch(demo_root, tmp_path):
+    note = tmp_path / "notes" / "note.json"
     loader = build_loader("dali-cpu", demo_root, "train", batch_size=64, image_size=32,
-                          val_resize=36, min_area=0.35)
-    note = tmp_path / "note.json"
-    loader.crash_note = note
+                          val_resize=36, min_area=0.35, crash_note=note)
     batches = iter(loader)
     next(batches)
     in_flight = json.loads(note.read_text())
@@ -36,3 +35,13 @@ def test_the_loader_notes_its_prefetch_window_and_clears_it_after_the_epoch(demo
     for _ in batches:
         pass
     assert not note.exists()
+
+
+def test_a_note_left_by_a_crashed_run_stops_the_next_loader_naming_the_file(demo_root, tmp_path):
+    bad = tmp_path / "bad.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    note = tmp_path / "note.json"
+    note.write_text(json.dumps([str(bad)]))
+    with pytest.raises(DataError, match="bad.JPEG"):
+        build_loader("dali-cpu", demo_root, "val", batch_size=8, image_size=32, val_resize=36,
+                     crash_note=note)
