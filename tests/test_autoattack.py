@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from helpers_launch import ROOT, probe_env, torchrun
 from PIL import Image
 from sklearn.datasets import load_digits
-from test_train import ROOT, probe_env, torchrun
 
 from dist_free import attacks, autoattack, checkpoint
 from dist_free.config import load_config
@@ -146,3 +146,43 @@ def test_two_ranks_give_exactly_one_ranks_autoattack_and_pgd_counts(digits_check
     assert aa["robust_top1"] <= pgd["robust_top1"]
     assert one["gradient_masking"]["pgd_minus_autoattack"] == pgd["robust_top1"] - aa["robust_top1"]
     assert "AutoAttack standard (apgd-ce, apgd-t, fab-t, square), fp32" in proc.stdout
+
+
+@pytest.mark.slow
+def test_an_outside_autoattack_run_reproduces_the_exported_cards_number(digits_checkpoint,
+                                                                        tmp_path):
+    """Train -> evaluate --attack autoattack -> export with the report -> the authors' own
+    AutoAttack, run directly on the exported model and the same images, gets the card's number."""
+    from pyautoattack import AutoAttack
+
+    from dist_free.distributed import DistInfo
+    from dist_free.export import export_checkpoint
+    from dist_free.models import from_checkpoint
+    from dist_free.runtime import build_loader
+
+    report, _ = run_evaluate([sys.executable], digits_checkpoint, tmp_path / "eval",
+                             "--attack", "autoattack", "--subset", "24")
+    export_checkpoint(digits_checkpoint, tmp_path / "export",
+                      report=next((tmp_path / "eval").glob("eval_*.json")))
+    card = json.loads((tmp_path / "export" / "model_card.json").read_text())
+    (stated,) = [r for r in card["evaluation"]["results"] if r["attack"] == "autoattack"]
+    assert card["evaluation"]["images"] == 24 and card["evaluation"]["dtype"] == "fp32"
+
+    model = from_checkpoint(tmp_path / "export")
+    cfg = load_config(None, [f"{k}={v}" for k, v in
+                             [("data.root", digits_checkpoint.parent), ("data.loader", "torchvision"),
+                              ("data.image_size", 8), ("data.val_resize", 8),
+                              ("data.val_batch_size", report["batch_size"]), ("data.threads", 1),
+                              ("model.num_classes", 10)]])
+    robust = images = 0
+    # The report's images in its batches (whole batches: the same on any world size), seed 0.
+    for x, y in build_loader(cfg, DistInfo(), "val", subset=24, whole_batches=True):
+        outside = AutoAttack(model, norm="Linf", eps=stated["eps"], version="standard", seed=0)
+        outside.verbose = False
+        x = x.float().contiguous()      # as a user would hand it plain NCHW tensors
+        x_adv, _ = outside.run_standard_evaluation(x, y, batch_size=len(x))
+        with torch.no_grad():
+            robust += int((model(x_adv).argmax(1) == y).sum())
+        images += len(y)
+    assert images == 24
+    assert robust / images == pytest.approx(stated["robust_top1"], abs=1e-9)

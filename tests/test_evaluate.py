@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_train import ROOT, probe_env, torchrun
+from helpers_launch import ROOT, probe_env, torchrun
 
 import pipelines
 from dist_free import checkpoint
@@ -195,7 +195,7 @@ def _broadcast_worker(rank, port, out):
 
 def test_evaluation_uses_rank_0s_batchnorm_statistics_on_every_rank(tmp_path):
     """So the all-reduced accuracy is that of the model the checkpoint holds (rank 0's)."""
-    from test_train import free_port
+    from helpers_launch import free_port
     torch.multiprocessing.spawn(_broadcast_worker, args=(free_port(), tmp_path), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))
