@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from helpers_data import collect, write_coded_split
 from PIL import Image
 
 from dist_free.data import main
-from helpers_data import collect, write_coded_split
 from pipelines import DataError, build_loader, prepare_flat_val, scan
 from pipelines.datasets import file_list_path
 

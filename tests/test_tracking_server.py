@@ -1,74 +1,17 @@
 """dist_free.tracking against a real `mlflow server` on a loopback port: everything arrives over
 HTTP, and stopping the server mid-run neither slows the log calls nor loses a metric."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+from helpers_launch import free_port
+from helpers_mlflow import server_processes, stop
 from mlflow import MlflowClient
 
 from dist_free.tracking import build_tracker
 from dist_free.tracking.wal import WAL_DIR
 
 KEYS = ("train/loss", "train/adv_acc", "lr")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {seconds} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    # The server runs in its own session; its group holds the workers, so kill them all.
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-@contextmanager
-def server_processes(root: Path, port: int):
-    """start() runs `mlflow server` on 127.0.0.1:port over root's store; all are killed at exit."""
-    started: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-               "--artifacts-destination", str(root / "art")]
-        log = open(root / f"server{len(started)}.log", "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                start_new_session=True)
-        started.append(proc)
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            stop(proc)
 
 
 def log_steps(tracker, steps) -> float:

@@ -102,7 +102,8 @@ def test_a_killed_and_resumed_run_continues_the_same_mlflow_run_without_duplicat
 
 
 def test_a_demo_run_over_http_survives_the_server_going_down_mid_run(demo_root, tmp_path):
-    from test_tracking_server import free_port, server_processes, stop
+    from helpers_launch import free_port
+    from helpers_mlflow import server_processes, stop
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = train_cmd(demo_root, tmp_path, "optim.epochs=12", "run.log_every=2",
