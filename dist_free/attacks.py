@@ -89,17 +89,19 @@ def correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def robust_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                    eps: float, steps: int, step_size: float | None = None, restarts: int = 1,
                    amp_dtype: torch.dtype | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, attack=None) -> torch.Tensor:
     """Per-sample bool: correctly classified after every one of `restarts` PGD runs.
 
     A sample broken by any restart counts as broken (the worst case over restarts). The restarts
     draw their random starts one after the other from `generator` (None: the global RNG).
+    `attack` (default `pgd`, same signature) is the attack each restart runs.
     """
+    attack = attack or pgd
     if restarts < 1 or steps < 1:
         raise ValueError(f"restarts and steps must be >= 1, got restarts={restarts}, steps={steps}")
     survived = correct(model, images, labels, amp_dtype)
     for _ in range(restarts):
-        x_adv = pgd(model, images, labels, eps=eps, steps=steps, step_size=step_size,
-                    amp_dtype=amp_dtype, generator=generator)
+        x_adv = attack(model, images, labels, eps=eps, steps=steps, step_size=step_size,
+                       amp_dtype=amp_dtype, generator=generator)
         survived &= correct(model, x_adv, labels, amp_dtype)
     return survived
