@@ -12,6 +12,7 @@ training state, not a cache).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -100,6 +101,15 @@ def load(path: Path, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"{path} is not a dist-free checkpoint (missing {sorted(missing)})")
     return state
+
+
+def sha256(path: Path) -> str:
+    """A checkpoint's identity in reports and model cards."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

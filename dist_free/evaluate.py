@@ -34,7 +34,6 @@ metrics, the protocol as final.* tags and the report as an artifact.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from dist_free import attacks, autoattack, distributed
+from dist_free import attacks, autoattack, checkpoint, distributed
 
 ATTACKS = ("pgd", "autoattack")
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -208,7 +207,6 @@ def val_loader(cfg, d, class_to_idx, subset: int | None):
 
 def load_run(args):
     """(checkpoint state, config); raises CheckpointError/ConfigError/AutoAttackUnavailable."""
-    from dist_free import checkpoint
     state = checkpoint.load(args.checkpoint)
     cfg = checkpoint_config(state, args.overrides)
     if "autoattack" in args.attack:
@@ -218,7 +216,7 @@ def load_run(args):
 
 def main(argv: list[str] | None = None) -> int:
     import pipelines
-    from dist_free import checkpoint, runtime
+    from dist_free import runtime
     from dist_free.config import ConfigError
 
     args = parse_args(argv)
@@ -268,14 +266,6 @@ def finish(args, cfg, state: dict, report: dict) -> None:
 
 # ------------------------------------------------------------------ the report
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_report(args, state: dict, result: dict, eps_values: list[float], loader,
                  world_size: int, seconds: float) -> dict:
     """The report (dist_free.export reads it, so keep its keys):
@@ -293,7 +283,7 @@ def build_report(args, state: dict, result: dict, eps_values: list[float], loade
         "files_sha256": pipelines.selection_sha256(listing) if listing is not None else None}
     results = result_rows(args, result, eps_values)
     return {
-        "checkpoint": {"path": str(args.checkpoint), "sha256": sha256_file(args.checkpoint),
+        "checkpoint": {"path": str(args.checkpoint), "sha256": checkpoint.sha256(args.checkpoint),
                        "epoch": state["epoch"], "global_step": state.get("global_step")},
         "split": "val", "images": result["samples"], "subset": subset,
         "dtype": DTYPE_NAMES[AMP[args.amp]], "world_size": world_size,

@@ -30,14 +30,13 @@ import math
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torchvision
 
-from dist_free import checkpoint, models
+from dist_free import checkpoint, environment, models
 from dist_free.config import Config, ConfigError, config_from_dict
 
 WEIGHTS, TORCH_WEIGHTS = models.EXPORT_WEIGHTS
@@ -48,14 +47,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 class ExportError(ValueError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def float32_text(value: float) -> float:
@@ -116,12 +107,10 @@ def read_report(report: Path | dict, ckpt_sha: str) -> dict:
 def training_commit(state: dict) -> dict:
     """The commit the checkpoint records; else this checkout's, labelled as the exporter's."""
     for key in ("git_commit", "commit"):
-        if state.get(key):
+        if state.get(key) and state[key] != "unknown":
             return {"commit": state[key], "source": "checkpoint"}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    commit, _ = environment.git_commit()
+    if commit == "unknown":
         return {"commit": None, "source": "unknown: the checkpoint records none, no git"}
     return {"commit": commit, "source": "the exporting checkout's git HEAD; the checkpoint "
                                         "records none, so the training commit may differ"}
@@ -423,7 +412,7 @@ def export_checkpoint(checkpoint_path, out_dir, report: Path | dict | None = Non
     src, out = Path(checkpoint_path), Path(out_dir)
     check_target(out, force)               # fail before the (slow) reads
     state, cfg, model = read_checkpoint(src)
-    hashes = {"checkpoint": sha256_file(src)}
+    hashes = {"checkpoint": checkpoint.sha256(src)}
     if report is not None:
         ev = report_eval(read_report(report, hashes["checkpoint"]),
                          None if isinstance(report, dict) else Path(report))
