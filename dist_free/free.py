@@ -43,6 +43,7 @@ class FreeAdversarialTrainer(StepBase):
         self._update = linf.compiled_free_update() if self.fused else linf.free_update
         self._delta: torch.Tensor | None = None
         self._x_adv: torch.Tensor | None = None
+        self._work: linf.UpdateWork | None = None
         if input_shape is not None:
             self._allocate(tuple(input_shape))
 
@@ -61,9 +62,12 @@ class FreeAdversarialTrainer(StepBase):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self._delta = torch.empty(shape, device=self.device, dtype=torch.float32,
                                   memory_format=fmt).zero_()
-        # The replay input lives in one reused buffer, in the dtype the model consumes.
-        self._x_adv = torch.empty(shape, device=self.device, dtype=self.input_dtype,
+        # The replay input lives in one reused buffer, in fp32 whatever the autocast dtype: the
+        # model casts it inside, so rounding cannot push it out of the eps-ball (see linf).
+        self._x_adv = torch.empty(shape, device=self.device, dtype=torch.float32,
                                   memory_format=fmt)
+        # The eager update's scratch, allocated once; the fused kernel needs none.
+        self._work = None if self.fused else linf.UpdateWork.like(self._delta)
 
     def _check_shape(self, images: torch.Tensor) -> None:
         if self._delta is None:
@@ -80,8 +84,9 @@ class FreeAdversarialTrainer(StepBase):
         self._check_shape(images)
         b = images.shape[0]
         delta, x_adv_buf = self._delta[:b], self._x_adv[:b]
+        work = None if self._work is None else self._work.rows(b)
         with torch.no_grad():
-            x_adv_buf.copy_(linf.perturb(images, delta, self.input_dtype))
+            torch.add(images, delta, out=x_adv_buf).clamp_(0.0, 1.0)     # linf.perturb, in place
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for replay in range(self.replays):
@@ -90,8 +95,9 @@ class FreeAdversarialTrainer(StepBase):
             logits, loss, found_inf = self.sgd_step(x_adv, labels)
             last = replay == self.replays - 1
             with torch.no_grad():
-                self._update(images, delta, x_adv.grad, found_inf, self.eps, self.step_size,
-                             None if last else x_adv_buf)
+                # Without a GradScaler no step is ever skipped: pass None, not a zero to test.
+                self._update(images, delta, x_adv.grad, found_inf if self.scaler is not None else None,
+                             self.eps, self.step_size, x_adv_buf, not last, work)
                 loss_sum += loss.detach()
                 correct += (logits.argmax(1) == labels).sum()
         return batch_stats(loss_sum, correct, self.replays, b)

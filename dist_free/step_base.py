@@ -79,7 +79,11 @@ class StepBase:
             scaler = torch.amp.GradScaler(self.device.type)
         self.scaler = scaler
         self.loss_fn = loss_fn or F.cross_entropy
-        self.input_dtype = amp_dtype or torch.float32
+        # Model inputs are fp32 pixels under any autocast dtype: autocast casts them inside the
+        # model, after Normalize. Rounding an adversarial input to bf16 first could move it out of
+        # the eps-ball (see dist_free.linf), and it would save nothing: Normalize's fp32 mean and
+        # std promote a bf16 input back to fp32 anyway.
+        self.input_dtype = torch.float32
         self._checked_first_batch = False
         self._no_inf = torch.zeros((), device=self.device)
 

@@ -169,16 +169,49 @@ def test_fp16_overflow_moves_neither_weights_nor_perturbation():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mixed_precision_replays_feed_the_model_in_the_activation_dtype(dtype):
+def test_mixed_precision_replays_feed_fp32_inputs_and_compute_in_the_activation_dtype(dtype):
     model = tiny_net()
-    seen = []
+    seen, conv_out = [], []
     model.normalize.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    model.net[0].register_forward_hook(lambda m, args, out: conv_out.append(out.dtype))
     t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2, amp_dtype=dtype)
     (x, y), = minibatches([8])
     t.train_step(x, y)
     assert t.perturbation.dtype == torch.float32
     assert t.perturbation.abs().max() == pytest.approx(4 / 255)
-    assert seen == [dtype, dtype]
+    assert seen == [torch.float32, torch.float32] and conv_out == [dtype, dtype]
+
+
+def capture_inputs(model):
+    """Every input the model is called on, as the model received it."""
+    seen = []
+    model.normalize.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("method, options", [
+    ("free", dict(replays=3, step_size=4 / 255)),
+    ("pgd", dict(steps=3)),
+    ("fast", dict()),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_adversarial_inputs_stay_within_eps(method, options, dtype):
+    """clamp(x + delta, 0, 1) rounded to bf16 lands up to 2^-9 from where it should: with delta at
+    +-eps that is outside the eps-ball. The model must receive the unrounded fp32 input."""
+    from dist_free.methods import build_method
+    eps = 4 / 255
+    g = torch.Generator().manual_seed(3)
+    x = 0.5 + 0.5 * torch.rand(16, 3, 6, 6, generator=g)     # [0.5, 1]: bf16's coarsest steps
+    y = torch.randint(0, 5, (16,), generator=g)
+    model = tiny_net()
+    seen = capture_inputs(model)
+    trainer = build_method(method, model, sgd(model), eps=eps, amp_dtype=dtype, **options)
+    trainer.train_step(x, y)
+    trainer.train_step(x, y)
+    assert len(seen) >= 4
+    distance = max(float((x_in.float() - x).abs().max()) for x_in in seen)
+    assert distance <= eps + 1e-6                     # fp32 rounding of x + delta only
+    assert distance > eps - 1e-6                      # the attack did reach the boundary
 
 
 def test_fused_trainer_equals_eager_trainer():
