@@ -9,6 +9,7 @@ Layouts understood under a dataset root:
   Prepared list  ROOT/<split>_list.txt, one "relative/path label" line per image (paths relative to
                  ROOT, label the class index); written by ``python -m dist_free.data prepare`` for
                  ImageNet's flat ILSVRC2012_val_*.JPEG folder. A list takes precedence over folders.
+                 Every entry must resolve (symlinks followed) to a file under ROOT.
 The class map is always the sorted class-folder names of ROOT/train (or of the split itself when
 there is no train folder), so train and val agree and a checkpoint can store and check it.
 
@@ -23,6 +24,8 @@ fingerprints a selection (its "name label" lines, in order) so a report can prov
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,22 +145,76 @@ def list_image_folder(root: Path, split: str) -> Listing:
 
 
 def read_file_list(root: Path, split: str) -> Listing:
-    """Parse ROOT/<split>_list.txt ("relative/path label" per line), checking every label."""
+    """Parse ROOT/<split>_list.txt ("relative/path label" per line), checking every line: a
+    label in range, and a path that stays under ROOT (see ``InsideRoot``)."""
     path = file_list_path(root, split)
     classes = class_map(root, split)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable UTF-8 text file ({err})") from None
+    inside = InsideRoot(root)
     files, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        name, _, label = line.rpartition(" ")
-        if not name or not label.isdigit() or int(label) >= len(classes):
-            raise DataError(f"{path}:{number}: expected 'relative/path label' with a label in "
-                            f"0..{len(classes) - 1}, got {line!r}")
-        files.append(root / name)
-        labels.append(int(label))
+        where = f"{path}:{number}"
+        name, label = parse_list_line(line, len(classes), where)
+        files.append(inside.check(name, where))
+        labels.append(label)
     if not files:
         raise DataError(f"{path} lists no images")
     return Listing(tuple(files), tuple(labels), classes)
+
+
+LIST_LINE = re.compile(r"(.*\S)\s+(\S+)")  # the path may hold spaces; the label is the last word
+
+
+def parse_list_line(line: str, num_classes: int, where: str) -> tuple[str, int]:
+    match = LIST_LINE.fullmatch(line.strip())
+    if match is None:
+        raise DataError(f"{where}: {line.strip()!r} has no label; expected 'relative/path label'")
+    name, label = match.groups()
+    if not (label.isascii() and label.isdigit()):
+        raise DataError(f"{where}: label {label!r} of {name!r} is not a class index "
+                        f"(a whole number in 0..{num_classes - 1})")
+    if int(label) >= num_classes:
+        raise DataError(f"{where}: label {label} of {name!r} is out of range: the dataset has "
+                        f"{num_classes} classes (0..{num_classes - 1})")
+    return name, int(label)
+
+
+class InsideRoot:
+    """Checks that list entries resolve (symlinks followed) to files under the dataset root.
+
+    A list must not reach files the dataset does not hold: an absolute path elsewhere, a ``../``
+    escape or a symlink out would train or evaluate on whatever it points to. ROOT itself may be
+    a symlink. Each folder is resolved once: a list names many files in few folders.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.real_root = Path(os.path.realpath(root))
+        self.real_dirs: dict[Path, Path] = {}
+
+    def check(self, name: str, where: str) -> Path:
+        """ROOT/name, as listed, if it resolves under ROOT; else a DataError naming the line."""
+        path = self.root / name  # an absolute name replaces the root: caught below
+        target = self.resolve(path)
+        if not target.is_relative_to(self.real_root):
+            raise DataError(f"{where}: entry {name!r} resolves to {target}, outside the dataset "
+                            f"root {self.real_root}; a list may name only files under its root "
+                            "(a symlink must point inside it too)")
+        return path
+
+    def resolve(self, path: Path) -> Path:
+        parent = self.real_dirs.get(path.parent)
+        if parent is None:
+            parent = self.real_dirs[path.parent] = Path(os.path.realpath(path.parent))
+        target = parent / path.name
+        if path.name == ".." or os.path.islink(target):
+            return Path(os.path.realpath(target))
+        return target
 
 
 def write_file_list(root: Path, split: str, files: list[Path], labels: list[int]) -> Path:

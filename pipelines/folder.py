@@ -3,28 +3,50 @@
 Each sample's random crop and flip come from a generator seeded by (loader seed, epoch, rank,
 position in the shard), so the order *and* the augmentation repeat for a seed regardless of
 how many worker processes decode.
+
+A file that cannot be decoded ends the epoch with a one-line DataError naming it. The error
+travels from the worker as a value, not an exception: DataLoader re-raises a worker's exception
+with the worker's whole traceback as its message.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from .errors import DataError
 from .loader import Augment, ShardedLoader
+from .verify import Refused, decode, said
+
+VERIFY_HINT = "Run `python -m dist_free.data verify ROOT` to list every bad file."
 
 
 def load_rgb(path) -> Image.Image:
+    """The image as RGB; anything the header checks or Pillow refuse is a DataError naming it."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # CMYK and grayscale JPEGs become RGB, as in DALI
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot decode {path}: {err}. Run `python -m dist_free.data verify "
-                        "ROOT` to list every bad file.") from err
+        with open(path, "rb") as f:
+            return decode(f).convert("RGB")  # CMYK and grayscale JPEGs become RGB, as in DALI
+    except Refused as err:
+        raise DataError(f"cannot decode {path} ({err.kind}): {err.detail}. {VERIFY_HINT}") from err
+    except Exception as err:  # cannot be opened, or a decoded mode Pillow cannot convert
+        raise DataError(f"cannot read {path}: {said(err)}. {VERIFY_HINT}") from err
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A sample (and then its batch) that could not be loaded: the DataError's message."""
+
+    message: str
+
+
+def collate(samples):
+    failed = next((s for s in samples if isinstance(s, Failed)), None)
+    return failed or default_collate(samples)
 
 
 class ResizeShorter(torch.nn.Module):
@@ -77,7 +99,10 @@ class ShardDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        image = load_rgb(self.files[i])
+        try:
+            image = load_rgb(self.files[i])
+        except DataError as err:
+            return Failed(str(err))
         if self.seed is None:
             return self.transform(image), self.labels[i]
         with torch.random.fork_rng(devices=[]):  # torchvision's random ops use the global RNG
@@ -99,5 +124,8 @@ class FolderLoader(ShardedLoader):
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
                             num_workers=self.num_workers, drop_last=False,
                             pin_memory=self.format.device.type == "cuda",
-                            persistent_workers=False)
-        yield from loader
+                            persistent_workers=False, collate_fn=collate)
+        for batch in loader:
+            if isinstance(batch, Failed):
+                raise DataError(batch.message)
+            yield batch

@@ -7,6 +7,9 @@ can read back from a batch which file each sample was and check shards, labels a
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +68,31 @@ def collect(loader) -> tuple[list[int], list[int], list[int]]:
         pixel_labels += batch_labels
         labels += targets.tolist()
     return ids, pixel_labels, labels
+
+
+# Crafted files whose headers lie: a few dozen or hundred bytes that claim any size.
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG (8-bit RGB) whose header claims width x height over one tiny zlib stream."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real 16 x 16 baseline JPEG whose frame header is patched to claim width x height."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 30)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    frame = data.index(b"\xff\xc0\x00\x11")  # SOF0 of a 3-component image
+    data[frame + 5:frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    """A bare 24-bit BMP header claiming width x height (a format only Pillow's checks parse)."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 0, 0, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_data import (
+    bmp_claiming,
+    collect,
+    decode_batch,
+    jpeg_claiming,
+    png_claiming,
+    write_coded_split,
+    write_textured,
+)
 
-from helpers_data import collect, decode_batch, write_coded_split, write_textured
 from pipelines import DataError, build_loader, check_dataset, list_split, resolve_kind
+from pipelines.datasets import file_list_path
 from pipelines.sharding import train_shard, val_shard
 
 TRAIN_COUNTS = [13, 11, 9]  # 33 images: divides evenly by no global batch used below
@@ -187,6 +196,96 @@ def test_a_corrupt_file_mid_epoch_is_named(tmp_path, kind):
     with pytest.raises(DataError, match=bad.name) as raised:
         collect(run)
     assert "dist_free.data verify" in str(raised.value)
+
+
+# What the torchvision path must refuse, and the words that name why.
+REFUSED = {
+    "jpeg-bomb": (jpeg_claiming(60000, 60000), "(too-large): its JPEG header claims 60000 x 60000"),
+    "png-over-limit": (png_claiming(10000, 9000), "(too-large): its PNG header claims 10000 x 9000"),
+    "bmp-over-limit": (bmp_claiming(10000, 9000), "(too-large): not decoded: Image size (90000000"),
+    "bmp-bomb": (bmp_claiming(60000, 60000), "(too-large): not decoded: Image size (3600000000"),
+    "short-png": (png_claiming(9000, 9000), "(truncated): its PNG header claims 9000 x 9000 pixels"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_torchvision_refuses_a_lying_header_in_one_line_naming_the_file(tmp_path, name):
+    files = write_coded_split(tmp_path, "val", [3, 3])
+    bad = files[4][0]
+    data, why = REFUSED[name]
+    bad.write_bytes(data)
+    with pytest.raises(DataError) as raised:
+        collect(loader("torchvision", tmp_path, "val", batch_size=2))
+    message = str(raised.value)
+    assert message.startswith(f"cannot decode {bad} {why}") and "dist_free.data verify" in message
+    assert "\n" not in message  # not the worker's traceback: the CLIs print it as one line
+
+
+@pytest.fixture
+def listed(tmp_path):
+    """ROOT with train class folders and an empty val folder, and an image outside ROOT."""
+    root = tmp_path / "root"
+    files = write_coded_split(root, "train", [2, 2])
+    (root / "val").mkdir()
+    outside = write_textured(tmp_path / "elsewhere" / "x.JPEG", 8, 8, seed=0)
+    return root, files[0][0].relative_to(root).as_posix(), outside
+
+
+def write_list(root, *lines):
+    file_list_path(root, "val").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("escape", ["absolute", "dotdot", "symlink"])
+def test_a_file_list_entry_outside_the_root_is_refused_naming_the_line(listed, escape):
+    root, inside, outside = listed
+    (root / "val" / "link.JPEG").symlink_to(outside)
+    entry = {"absolute": str(outside), "dotdot": "../elsewhere/x.JPEG",
+             "symlink": "val/link.JPEG"}[escape]
+    write_list(root, f"{inside} 0", f"{entry} 1")
+    with pytest.raises(DataError) as raised:
+        list_split(root, "val")
+    assert str(raised.value).startswith(
+        f"{root / 'val_list.txt'}:2: entry {entry!r} resolves to {outside}, outside the dataset "
+        f"root {root}")
+
+
+def test_a_file_list_may_use_symlinks_inside_the_root_and_a_symlinked_root(listed, tmp_path):
+    root, inside, _ = listed
+    (root / "val" / "link.JPEG").symlink_to(root / inside)
+    (root / "val" / "up").symlink_to(root / "train")
+    alias = tmp_path / "alias"
+    alias.symlink_to(root)
+    write_list(alias, f"{inside} 0", "val/link.JPEG 1", "val/up/class1/0003.JPEG 1",
+               "val/../" + inside + " 0")
+    listing = list_split(alias, "val")
+    assert listing.files == (alias / inside, alias / "val/link.JPEG",
+                             alias / "val/up/class1/0003.JPEG", alias / "val/.." / inside)
+    assert listing.labels == (0, 1, 1, 0)
+
+
+@pytest.mark.parametrize("line, why", [
+    ("train/class0/0000.JPEG", "'train/class0/0000.JPEG' has no label; expected "
+                               "'relative/path label'"),
+    ("train/class0/0000.JPEG one", "label 'one' of 'train/class0/0000.JPEG' is not a class "
+                                   "index (a whole number in 0..1)"),
+    ("train/class0/0000.JPEG -1", "label '-1' of 'train/class0/0000.JPEG' is not a class "
+                                  "index (a whole number in 0..1)"),
+    ("train/class0/0000.JPEG 2", "label 2 of 'train/class0/0000.JPEG' is out of range: the "
+                                 "dataset has 2 classes (0..1)"),
+])
+def test_a_malformed_file_list_line_is_named(listed, line, why):
+    root, inside, _ = listed
+    write_list(root, f"{inside} 0", "", line, f"{inside} 1")  # the blank line is line 2
+    with pytest.raises(DataError) as raised:
+        list_split(root, "val")
+    assert str(raised.value) == f"{root / 'val_list.txt'}:3: {why}"
+
+
+def test_a_file_list_that_is_not_text_is_refused(listed):
+    root, _, _ = listed
+    file_list_path(root, "val").write_bytes(b"\xff\xfe\x00 0\n")
+    with pytest.raises(DataError, match="val_list.txt: not a readable UTF-8 text file"):
+        list_split(root, "val")
 
 
 def test_synthetic_source_has_the_real_epoch_length_and_no_dataset_needed(coded):
