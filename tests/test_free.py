@@ -4,29 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from helpers_nets import minibatches, sgd, tiny_net
 
 from dist_free.free import FreeAdversarialTrainer
-from dist_free.models import NormalizedModel
-
-
-def tiny_net(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5))
-    return NormalizedModel(net, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-
-
-def sgd(model):
-    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-def minibatches(sizes, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    # Values near 0 and 1 make the [0, 1] clamp active, so its gradient mask matters.
-    return [(torch.rand(b, 3, 6, 6, generator=g) ** 3, torch.randint(0, 5, (b,), generator=g))
-            for b in sizes]
 
 
 def reference_free_training(model, optimizer, batches, eps, replays, max_batch):
@@ -131,15 +112,15 @@ def test_normalised_images_are_refused_with_a_hint():
         t.train_step(x, torch.zeros(4, dtype=torch.long))
 
 
-def test_pixel_range_is_checked_on_the_first_batch_only(monkeypatch):
-    import dist_free.step_base as base
-    calls = []
-    monkeypatch.setattr(base, "check_pixel_range", lambda x: calls.append(1))
+def test_pixel_range_is_checked_on_the_first_batch_only():
+    """The check reads the batch back to the host (a sync): once at start-up, never per step."""
     model = tiny_net()
+    (x, y), = minibatches([4])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2).train_step(x * 255, y)
     t = FreeAdversarialTrainer(model, sgd(model), eps=4 / 255, replays=2)
-    for x, y in minibatches([4, 4, 4]):
-        t.train_step(x, y)
-    assert calls == [1]
+    t.train_step(x, y)
+    t.train_step(x * 255, y)          # not checked again: no error, and no sync
 
 
 @pytest.mark.parametrize("shape", [(9, 3, 6, 6), (4, 3, 7, 6), (4, 1, 6, 6)])
