@@ -228,9 +228,15 @@ def train_one_epoch(run: Run) -> str:
             if stop:
                 progress.close()
                 return "stopped"
-        if i + 1 in probes and run_probe(run):
-            progress.close()
-            return "collapsed"
+        if i + 1 in probes:
+            try:
+                collapsed = run_probe(run)
+            except validation.Stopped:      # a stop request met during the probe
+                progress.close()
+                return "stopped"
+            if collapsed:
+                progress.close()
+                return "collapsed"
     progress.close()
     return "done"
 
