@@ -174,8 +174,11 @@ def fit(run: Run) -> str:
             finish(run)
         return status
     finally:
-        # After a stop the tracking server may be the thing that is down: KILLED makes the
-        # tracker write what is unsent to disk at once instead of waiting for it.
+        # After a stop request the tracking server may be the thing that is down: the tracker
+        # writes what is unsent to disk at once instead of waiting for it (whatever the status:
+        # a signal during the final export still leaves the run FINISHED).
+        if run.preemption.requested:
+            run.tracker.stop_soon()
         run.tracker.close(status=status)
 
 
