@@ -11,12 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
+from dist_free import linf
 from dist_free.bench import pipeline as bench_data
+from dist_free.bench import reference as bench_reference
 from dist_free.bench import report as bench_report
 from dist_free.bench import timing as bench_timing
+from dist_free.bench import workers as bench_workers
+from dist_free.free import FreeAdversarialTrainer
+from dist_free.methods import build_method
+from dist_free.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "update", "pipeline", "e2e", "memory", "scaling")
+SECTIONS = ("step", "floor", "update", "pipeline", "e2e", "reference", "memory", "scaling", "eval")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +67,16 @@ def test_quick_timings_and_rates_are_positive(quick_run):
     for name in ("natural_step", "free_replay", "pgd7_step", "fgsm_rs_step", "fwd_bwd",
                  "fwd_bwd_input_grad", "perturbation_update"):
         assert step["seconds"][name]["median"] > 0, name
-    for name in ("eager", "fused", "copy"):
+    for name in ("eager", "eager_alloc", "fused", "copy"):
         assert r["update"]["seconds"][name]["gb_per_s"] > 0, name
+    floor = r["floor"]["fp32"]
+    for name in ("natural_step", "floor", "free_replay"):
+        assert floor["seconds"][name]["median"] > 0, name
+    ratio = floor["ratios"]["free_replay/floor"]
+    assert ratio["median_ci95"][0] <= ratio["median"] <= ratio["median_ci95"][1]
+    assert floor["profile"]["totals"]["free_replay"]["self_ms"] > 0
+    for name in ("reference", "ours_fp32", "ours_recommended"):
+        assert r["reference"]["images_per_s"][name]["median"] > 0, name
     assert min(v["median"] for v in r["pipeline"]["images_per_s"].values()) > 0
     assert r["e2e"]["jpeg"]["images_per_s"] > 0 and r["e2e"]["synthetic"]["images_per_s"] > 0
     assert 0 <= r["e2e"]["jpeg"]["data_wait_frac"] <= 1
@@ -75,6 +89,10 @@ def test_quick_targets_are_judged_not_assumed(quick_run):
     _, r, _ = quick_run
     t = r["step"]["fp32"]["targets"]["free_replay_vs_natural"]
     assert t["met"] == (t["measured"] <= 1.05)
+    t = r["floor"]["fp32"]["targets"]["free_replay_vs_floor"]
+    assert t["met"] == (t["measured"] <= 1.01)
+    t = r["reference"]["targets"]["recommended_vs_reference"]
+    assert t["met"] == (t["measured"] >= 1.5)
     u = r["update"]["targets"]["fused_vs_eager"]
     assert u["met"] == (u["measured"] >= 5)
 
@@ -91,17 +109,40 @@ def test_free_buffer_adds_no_ddp_communication(quick_run):
     assert r["scaling"]["runs"]["1"]["ranks"][0]["free"]["allreduce_bytes_per_pass"] == 0
 
 
+def test_scaling_compares_world_sizes_at_the_same_threads_per_rank(quick_run):
+    _, r, _ = quick_run
+    runs = r["scaling"]["runs"]
+    assert runs["1"]["threads_per_rank"] == runs["2"]["threads_per_rank"] == 1
+    assert len(runs["2"]["ranks"]) == 2
+    share = runs["2"]["ranks"][0]["free"]["allreduce_share"]
+    assert share["n"] == 1 and share["min"] <= share["median"] <= share["max"] < 1
+    assert "allreduce_share" not in runs["1"]["ranks"][0]["free"]      # nothing to take out
+
+
+def test_eval_rates_per_rank_and_the_unbreakable_regime(quick_run):
+    _, r, _ = quick_run
+    s = r["eval"]["settings"]
+    for world, run in r["eval"]["runs"].items():
+        assert len(run["ranks"]) == int(world) and run["threads_per_rank"] == 1
+        for rank in run["ranks"]:
+            assert rank["pgd"]["images_per_s"] > 0
+            # The unbreakable network keeps every image, so AutoAttack ran its whole budget.
+            assert rank["autoattack_never_broken"]["robust"] == s["aa_batch_never"]
+
+
 def test_memory_reports_the_perturbation_buffers(quick_run):
     _, r, _ = quick_run
     free, natural = r["memory"]["free"], r["memory"]["natural"]
-    # fp32 delta plus the fp32 replay input, each (batch 8, 3, 32, 32); natural keeps none.
-    assert free["buffer_bytes"] == 2 * 8 * 3 * 32 * 32 * 4 and natural["buffer_bytes"] == 0
+    # fp32 delta, the fp32 replay input and the CPU update's 3 scratch tensors, each (8, 3, 32, 32);
+    # natural keeps none.
+    assert free["buffer_bytes"] == 5 * 8 * 3 * 32 * 32 * 4 and natural["buffer_bytes"] == 0
 
 
 def test_table_prints_and_results_md_keeps_other_devices(quick_run):
     stdout, result, md = quick_run
-    for n in range(1, 7):
+    for n in range(1, len(SECTIONS) + 1):
         assert f"### {n}." in stdout
+    assert "{n}" not in stdout
     assert "free replay / natural" in stdout and result["environment"]["device"] in stdout
     assert md.startswith("# Benchmark results\n\nintro kept")
     assert "<!-- bench: Other GPU -->\nold\n<!-- /bench: Other GPU -->" in md
@@ -137,9 +178,92 @@ def test_paired_ratio_is_per_round():
 
 
 def test_essential_bytes_count_each_operand_once():
-    x, delta, grad, out, _ = bench_timing.update_operands((2, 3, 4, 4), torch.device("cpu"), torch.bfloat16)
+    x, delta, grad, x_adv = bench_timing.update_operands((2, 3, 4, 4), torch.device("cpu"), torch.float16)
     n = 2 * 3 * 4 * 4
-    assert bench_timing.essential_bytes(x, delta, grad, out) == n * (4 + 2 * 4 + 2 + 2)
+    # read x (fp16), delta, grad, x_adv; write delta and x_adv (all fp32)
+    assert bench_timing.essential_bytes(x, delta, grad, x_adv) == n * (2 + 2 * 4 + 4 + 2 * 4)
+    assert torch.equal(x_adv, (x.float() + delta).clamp(0, 1))
+
+
+def test_interleaved_rotates_the_order_when_asked():
+    calls = []
+    variants = {k: bench_timing.Variant(lambda k=k: calls.append(k)) for k in "abc"}
+    bench_timing.interleaved(variants, torch.device("cpu"), repeats=3, warmup=0, min_sample_s=0,
+                             rotate=True)
+    assert "".join(calls) == "abc" + "bca" + "cab"
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_more_rounds():
+    xs = [float(i) for i in range(100)]
+    lo, hi = bench_timing.median_ci(xs)
+    assert lo < 49.5 < hi and 38 <= lo and hi <= 61
+    assert bench_timing.median_ci([1.0, 2.0, 3.0]) == (1.0, 3.0)        # tiny n: the full range
+    s = bench_timing.spread_summary([1.0, 1.0, 2.0, 3.0, 3.0])
+    assert s["median"] == 2.0 and s["iqr_over_median"] == pytest.approx((s["q3"] - s["q1"]) / 2)
+
+
+def small_batch(b=8, size=16, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g) ** 2, torch.randint(classes, (b,), generator=g)
+
+
+def test_floor_pass_does_a_replays_work():
+    """The floor is a lower bound only if it computes what a replay computes: same weights and
+    perturbation after one pass from the same state."""
+    x, y = small_batch()
+    states = []
+    for kind in ("floor", "replay"):
+        torch.manual_seed(0)
+        model = build_model("small_cnn", 5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if kind == "floor":
+            natural = build_method("natural", model, opt)
+            delta = torch.zeros_like(x)
+            bench_timing.floor_pass(natural, x, y, delta, linf.perturb(x, delta), 4 / 255)
+        else:
+            t = FreeAdversarialTrainer(model, opt, eps=4 / 255, replays=1)
+            t.train_step(x, y)
+            delta = t.perturbation
+        states.append((delta.clone(), [p.detach().clone() for p in model.parameters()]))
+    (d0, p0), (d1, p1) = states
+    assert torch.equal(d0, d1) and d0.abs().max() == pytest.approx(4 / 255)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_reference_loop_is_the_same_algorithm_as_the_trainer():
+    """The restated authors' loop and our trainer, fed the same batches in fp32, end with the same
+    perturbation and weights: the speed comparison compares the same work."""
+    eps, m = 4 / 255, 3
+    batches = [small_batch(seed=s) for s in (1, 2, 3)]
+    torch.manual_seed(0)
+    ours_model = build_model("small_cnn", 5)
+    ref_net = __import__("copy").deepcopy(ours_model.net)
+    ref = bench_reference.ReferenceFree(ref_net, batch=8, image_size=16, eps=eps, replays=m)
+    opt = torch.optim.SGD(ours_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    ours = FreeAdversarialTrainer(ours_model, opt, eps=eps, replays=m)
+    for x, y in batches:
+        ref.train_batch(x, y)
+        ours.train_step(x, y)
+    assert len(ref.losses) == len(ref.top1) == 3 * m
+    torch.testing.assert_close(ours.perturbation, ref.global_noise, rtol=0, atol=1e-7)
+    assert (ref.global_noise != 0).float().mean() > 0.5
+    for a, b in zip(ours_model.net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unbreakable_network_keeps_its_prediction_under_any_eps_input():
+    torch.manual_seed(0)
+    model = bench_workers.unbreakable(build_model("small_cnn", 10).eval())
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        clean = model(x).argmax(1)
+        moved = model((x + torch.sign(torch.randn_like(x)) * 8 / 255).clamp(0, 1)).argmax(1)
+    assert torch.equal(clean, moved)
+    # Not a constant function: gradients still flow, so the attacks do real work.
+    x.requires_grad_(True)
+    model(x)[:, 1].sum().backward()
+    assert x.grad.abs().sum() > 0
 
 
 def test_photo_jpegs_are_imagenet_sized_real_photos(tmp_path):

@@ -158,3 +158,87 @@ def end_to_end(root: Path, model_name: str, image_size: int, batch: int, dtype: 
     return {"model": model_name, "image_size": image_size, "batch": batch, "dtype": dtype,
             "replays": replays, "loader_threads": threads, "kinds": kinds, **out,
             "jpeg_vs_synthetic": out["jpeg"]["images_per_s"] / out["synthetic"]["images_per_s"]}
+
+
+# ---------------------------------------------------------------- against the authors' loop
+
+def steady_rate(step, loader, max_batches: int) -> dict:
+    """Images/s of step() over up to max_batches batches of a fresh epoch, in steady state: the
+    clock starts when the first batch has arrived (both loaders prefetch from then on), so neither
+    side pays for its workers' or pipeline's start-up; every batch's step is counted."""
+    it = iter(loader)
+    x, y = next(it)
+    start, images = time.perf_counter(), 0
+    for i in range(max_batches):
+        step(x, y)
+        images += x.shape[0]
+        if i + 1 == max_batches:
+            break
+        try:
+            x, y = next(it)
+        except StopIteration:
+            break
+    seconds = time.perf_counter() - start
+    del it
+    return {"images_per_s": images / seconds, "images": images, "seconds": seconds}
+
+
+def reference_vs_trainer(root: Path, model_name: str, image_size: int, batch: int, replays: int,
+                         device, threads: int, max_batches: int, rounds: int,
+                         channels_last: bool, eps: float = 4 / 255) -> dict:
+    """The authors' loop (dist_free.bench.reference: ImageFolder + DataLoader, fp32) against our
+    trainer's loader and step with the recommended settings (DALI, run.amp=auto), and against our
+    trainer in fp32 (same precision as the reference: the implementation alone); same JPEGs,
+    model, batch, m, eps, threads; the three interleaved round by round."""
+    from dist_free import precision
+    from dist_free.bench import reference
+    amp_dtype, amp_reason = precision.resolve_amp("auto", device)
+    torch.manual_seed(0)
+    net = build_model(model_name, 1000).net          # the bare torchvision network
+    ref = reference.ReferenceFree(net, batch=batch, image_size=image_size, eps=eps, replays=replays)
+    ref_loader = reference.imagefolder_loader(root, batch, image_size, threads)
+
+    def ours(dtype, cl):
+        torch.manual_seed(0)
+        model = build_model(model_name, 1000, channels_last=cl).to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        method = build_method("free", model, opt, eps=eps, replays=replays, amp_dtype=dtype)
+        loader = pipelines.build_loader("dali-cpu", root, "train", batch_size=batch,
+                                        image_size=image_size, device=device, channels_last=cl,
+                                        num_threads=threads)
+        return method.train_step, loader
+
+    variants = {"reference": (ref.train_batch, ref_loader),
+                "ours_fp32": ours(None, False),
+                "ours_recommended": ours(amp_dtype, channels_last)}
+    for step, loader in variants.values():            # warm-up: first-use costs, page cache
+        steady_rate(step, loader, 2)
+    runs = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step, loader = variants[name]
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(r + 1)
+            runs[name].append(steady_rate(step, loader, max_batches))
+
+    def ratio(num, den):
+        return summary_of([a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[num], runs[den])])
+    rec = ratio("ours_recommended", "reference")
+    return {"model": model_name, "image_size": image_size, "batch": batch, "replays": replays,
+            "eps": eps, "threads": threads, "batches_per_run": max_batches, "rounds": rounds,
+            "reference": "dist_free.bench.reference: ImageFolder + DataLoader "
+                         f"({threads} workers), fp32, NCHW, normalisation in the loop",
+            "ours_recommended": f"DALI CPU ({threads} threads), {precision.NAMES[amp_dtype]} "
+                                f"({amp_reason}), channels_last={channels_last}",
+            "ours_fp32": f"DALI CPU ({threads} threads), fp32, NCHW",
+            "runs": runs,
+            "images_per_s": {name: summary_of([x["images_per_s"] for x in v]) for name, v in runs.items()},
+            "ratios": {"ours_recommended/reference": rec,
+                       "ours_fp32/reference": ratio("ours_fp32", "reference"),
+                       "ours_recommended/ours_fp32": ratio("ours_recommended", "ours_fp32")},
+            "targets": {"recommended_vs_reference": target(rec["median"], ">= 1.5", rec["median"] >= 1.5)}}
+
+
+def summary_of(xs: list[float]) -> dict:
+    return {"median": float(np.median(xs)), "min": min(xs), "max": max(xs), "n": len(xs)}

@@ -42,7 +42,7 @@ def step_lines(step: dict) -> list[str]:
                      f"{b['input_grad_extra_s'] * 1e3:.3g}", f"{b['update_s'] * 1e3:.3g}",
                      ms_or_noise(b["optimizer_step_s"])])
     first = next(v for v in step.values() if isinstance(v, dict) and "model" in v)
-    title = (f"### 1. Step cost: {first['model']}, {first['image_size']} px, batch {first['batch']}, "
+    title = (f"### {{n}}. Step cost: {first['model']}, {first['image_size']} px, batch {first['batch']}, "
              f"free m={first['replays']}; median [min-max] of {first['repeats']} interleaved rounds")
     return [title, ""] + table(
         ["dtype", "natural step ms", "free replay / natural", "PGD-7 / natural", "FGSM-RS / natural",
@@ -51,13 +51,81 @@ def step_lines(step: dict) -> list[str]:
 
 def update_lines(u: dict) -> list[str]:
     s = u["seconds"]
-    rows = [[name, spread(s[name], 1e3), f"{s[name]['gb_per_s']:.1f}"] for name in ("eager", "fused", "copy")]
-    return [f"### 2. Perturbation update: {tuple(u['shape'])}, fp32 buffer, {u['grad_and_output_dtype']} "
-            f"gradient and output; {u['bytes_per_update'] / MB:.3g} MiB moved per update", ""] + table(
+    rows = [[name, spread(s[name], 1e3), f"{s[name]['gb_per_s']:.1f}"]
+            for name in ("eager", "eager_alloc", "fused", "copy") if name in s]
+    return [f"### {{n}}. Perturbation update: {tuple(u['shape'])}, {u['x_dtype']} clean batch, fp32 "
+            f"buffer, gradient and replay input; {u['bytes_per_update'] / MB:.3g} MiB moved per update",
+            ""] + table(
         ["variant", "ms", "GB/s"], rows) + [
+        "", "eager: the trainer's CPU path, scratch reused; eager_alloc: the same code allocating "
+        "its scratch per call; fused: torch.compile of the same function.",
         "", f"fused vs eager: {spread(u['fused_speedup'])}x ({verdict(u['targets']['fused_vs_eager'])}); "
+        f"reused scratch vs allocating: {spread(u['scratch_speedup'])}x; "
         f"fused at {100 * u['fused_fraction_of_copy']:.0f}% of copy bandwidth "
         f"({verdict(u['targets']['fused_fraction_of_copy_bw'])}); one-off compile {u['compile_s']:.1f} s"]
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2g}%"
+
+
+def ratio_cell(r: dict) -> str:
+    lo, hi = r["median_ci95"]
+    return f"{r['median']:.4f} [CI {lo:.4f}-{hi:.4f}; IQR/med {pct(r['iqr_over_median'])}]"
+
+
+def floor_lines(fl: dict) -> list[str]:
+    rows, notes = [], []
+    for dtype, f in fl.items():
+        if not isinstance(f, dict) or "ratios" not in f:
+            continue
+        sec, r, t, parts = f["seconds"], f["ratios"], f["targets"], f["parts"]
+        rows.append([dtype] + [f"{sec[k]['median'] * 1e3:.1f}"
+                               for k in ("natural_step", "floor", "free_replay")]
+                    + [ratio_cell(r["free_replay/floor"]) + f" ({verdict(t['free_replay_vs_floor'])})",
+                       ratio_cell(r["floor/natural_step"]),
+                       f"{parts['replay_elementwise_s'] * 1e3:.3g} vs "
+                       f"{parts['floor_elementwise_s'] * 1e3:.3g} ms: {100 * parts['gap_over_floor']:+.2f}% "
+                       f"({verdict(t['bottom_up_gap'])})"])
+        if "profile" in f:
+            tot = f["profile"]["totals"]
+            rep, flo = tot["free_replay"], tot["floor"]
+            gaps = [f"{op.removeprefix('aten::')} {d['free_replay']['self_ms'] - d['floor']['self_ms']:+.2f}"
+                    for op, d in list(f["profile"]["largest_differences"].items())[:5]]
+            notes.append(f"{dtype}: allocations kept by top-level ops per pass: replay "
+                         f"{rep['allocations']:.1f} ({rep['alloc_bytes'] / MB:.2f} MiB), floor "
+                         f"{flo['allocations']:.1f} ({flo['alloc_bytes'] / MB:.2f} MiB); largest per-op "
+                         f"self-time differences (replay - floor, ms per pass): " + ", ".join(gaps))
+    first = next(v for v in fl.values() if isinstance(v, dict) and "model" in v)
+    return [f"### {{n}}. Replay vs its floor: {first['model']}, {first['image_size']} px, batch "
+            f"{first['batch']}, m={first['replays']}, {first['threads']} threads; one pass of each per "
+            f"round, {first['rounds']} rounds (order rotated), ratios paired per round: median [95% CI "
+            "of the median; IQR/median of the rounds]", ""] + table(
+        ["dtype", "natural step ms", "floor ms", "replay ms", "replay / floor", "floor / natural",
+         "bottom up: element-wise work per replay vs floor"], rows) + [
+        "", "floor = a natural step on the replay input that also takes the input gradient, then the "
+        "fused (torch.compile) perturbation update; replay = a FreeAdversarialTrainer.train_step with "
+        "m = 1 (the same element-wise work per replay as at any m). Bottom up: the trainer's "
+        "element-wise work per replay at the configured m (first input, updates) against the fused "
+        "update, each timed alone; the gap as a share of the floor."] + (
+        [""] + [f"- {n}" for n in notes] if notes else [])
+
+
+def reference_lines(ref: dict) -> list[str]:
+    if "skipped" in ref:
+        return ["### {n}. Against the authors' loop", "", ref["skipped"]]
+    ips, r = ref["images_per_s"], ref["ratios"]
+    rows = [[name, ref[name], spread(ips[name], fmt="{:.2f}")]
+            for name in ("reference", "ours_fp32", "ours_recommended")]
+    return [f"### {{n}}. Against the authors' loop, end to end: free m={ref['replays']}, eps "
+            f"{ref['eps'] * 255:.3g}/255, {ref['model']} {ref['image_size']} px, batch {ref['batch']}, same "
+            f"JPEGs; {ref['batches_per_run']} batches per run, steady state, {ref['rounds']} interleaved "
+            "rounds", ""] + table(
+        ["loop", "settings", "images/s"], rows) + [
+        "", f"ours (recommended) / reference: {spread(r['ours_recommended/reference'])}x "
+        f"({verdict(ref['targets']['recommended_vs_reference'])}); ours fp32 / reference: "
+        f"{spread(r['ours_fp32/reference'])}x; recommended / ours fp32: "
+        f"{spread(r['ours_recommended/ours_fp32'])}x"]
 
 
 def pipeline_lines(p: dict) -> list[str]:
@@ -65,17 +133,18 @@ def pipeline_lines(p: dict) -> list[str]:
     rows = [[f"{name} ({p['kinds'][name]})", spread(ips[name], fmt="{:.0f}"),
              f"{p['images_per_s_per_thread'][name]:.0f}"] for name in ips]
     d = p["dataset"]
-    return [f"### 3. Input pipeline: {d['files']} JPEGs (~500x375, q{d['quality']}, "
+    return [f"### {{n}}. Input pipeline: {d['files']} JPEGs (~500x375, q{d['quality']}, "
             f"{d['mean_kb']:.0f} KiB avg, cut from real photos), decode + random-resized-crop "
             f"{p['image_size']} + flip, {p['threads']} threads/workers", ""] + table(
         ["loader", "images/s", "per thread"], rows) + [
-        "", f"DALI / DataLoader: {spread(p['dali_vs_dataloader'])} ({verdict(p['targets']['dali_vs_dataloader'])})"]
+        "", f"DALI / DataLoader: {spread(p['dali_vs_dataloader'])} "
+        f"({verdict(p['targets']['dali_vs_dataloader'])})"]
 
 
 def e2e_lines(e: dict) -> list[str]:
     rows = [[f"{name} ({e['kinds'][name]})", f"{e[name]['images_per_s']:.1f}",
              f"{100 * e[name]['data_wait_frac']:.0f}%"] for name in ("jpeg", "synthetic")]
-    return [f"### 4. End to end: free m={e['replays']}, {e['model']} {e['image_size']} px, batch "
+    return [f"### {{n}}. End to end: free m={e['replays']}, {e['model']} {e['image_size']} px, batch "
             f"{e['batch']}, {e['dtype']}", ""] + table(["input", "images/s", "data wait"], rows) + [
         "", f"JPEG / synthetic: {e['jpeg_vs_synthetic']:.2f}"]
 
@@ -84,12 +153,16 @@ def memory_lines(m: dict) -> list[str]:
     rows = [[name, f"{m[name]['peak_bytes'] / MB:.0f}", f"{m[name]['baseline_bytes'] / MB:.0f}",
              f"{m[name]['buffer_bytes'] / MB:.1f}"] for name in ("natural", "free")]
     s = m["settings"]
-    return [f"### 5. Memory: {s['model']} {s['image_size']} px, batch {s['batch']}, {s['dtype']} "
+    return [f"### {{n}}. Memory: {s['model']} {s['image_size']} px, batch {s['batch']}, {s['dtype']} "
             f"({m['free']['measure']})", ""] + table(
-        ["method", "peak MiB", "before training MiB", "perturbation buffers MiB"], rows) + [
+        ["method", "peak MiB", "before training MiB", "free training's buffers MiB"], rows) + [
         "", f"free / natural peak: {m['free_vs_natural_peak']:.3f}; buffers are "
         f"{100 * m['buffer_share_of_peak']:.2f}% of free's peak and "
         f"{100 * m['buffer_share_of_training_memory']:.1f}% of its growth during training"]
+
+
+def share_cell(m: dict) -> str:
+    return spread(m["allreduce_share"], 100, "{:.1f}") + "%" if "allreduce_share" in m else "-"
 
 
 def scaling_lines(sc: dict) -> list[str]:
@@ -98,18 +171,45 @@ def scaling_lines(sc: dict) -> list[str]:
         f, nat = run["ranks"][0]["free"], run["ranks"][0]["natural"]
         rows.append([n, run["threads_per_rank"],
                      " / ".join(f"{r['free']['images_per_s_per_rank']:.0f}" for r in run["ranks"]),
-                     f"{run['free_per_rank_vs_world1']:.2f}",
-                     f"{f['allreduce_bytes_per_pass'] / MB:.3f}", f"{nat['allreduce_bytes_per_pass'] / MB:.3f}",
-                     f"{f['param_bytes'] / MB:.3f}", f"{f['perturbation_bytes'] / MB:.2f}"])
+                     f"{run['free_per_rank_vs_world1']:.2f}", share_cell(f), share_cell(nat),
+                     f"{f['allreduce_bytes_per_pass'] / MB:.3f}",
+                     f"{nat['allreduce_bytes_per_pass'] / MB:.3f}",
+                     f"{f['perturbation_bytes'] / MB:.2f}"])
     s = sc["settings"]
-    return [f"### 6. Scaling: free m={s['replays']}, {s['model']} {s['image_size']} px, batch {s['batch']}"
-            f"/rank, {s['device']}", ""] + table(
+    return [f"### {{n}}. DDP scaling: free m={s['replays']}, {s['model']} {s['image_size']} px, batch "
+            f"{s['batch']}/rank, {s['device']}, {s['threads_per_rank']} thread(s) per rank at every world "
+            f"size; median of {s.get('rounds', 1)} rounds of {s['steps']} steps", ""] + table(
         ["world", "threads/rank", "free images/s per rank", "per rank vs world 1",
-         "all-reduced MiB per free replay", "per natural step", "param MiB", "perturbation MiB"], rows)
+         "all-reduce share, free", "all-reduce share, natural", "all-reduced MiB per free replay",
+         "per natural step", "perturbation MiB (never sent)"], rows) + [
+        "", "all-reduce share: 1 - (time of the same steps with DDP's all-reduce replaced by a no-op "
+        "hook) / (time with it), per round [min-max]; it includes waiting for the slower rank."]
 
 
-LINES = {"step": step_lines, "update": update_lines, "pipeline": pipeline_lines,
-         "e2e": e2e_lines, "memory": memory_lines, "scaling": scaling_lines}
+def eval_lines(ev: dict) -> list[str]:
+    rows = []
+    keys = (("pgd", "PGD"), ("autoattack_broken_by_apgd_ce", "AutoAttack, all broken by APGD-CE"),
+            ("autoattack_never_broken", "AutoAttack, none broken (full budget)"))
+    for n, run in ev["runs"].items():
+        for key, label in keys:
+            per_rank = " / ".join(f"{r[key]['images_per_s']:.3g}" for r in run["ranks"])
+            rows.append([n, label, per_rank, f"{run[f'{key}_images_per_s_total']:.3g}"])
+    s = ev["settings"]
+    src = ev["runs"]["1"]["ranks"][0].get("autoattack_source", "")
+    return [f"### {{n}}. Evaluation throughput: {s['model']} {s['image_size']} px, {s['classes']} classes, "
+            f"eps {s['eps'] * 255:.3g}/255, {s['threads_per_rank']} thread per rank", ""] + table(
+        ["world", "attack", "images/s per rank", "images/s total"], rows) + [
+        "", f"PGD: dist_free.attacks.robust_correct, {s['pgd_steps']} steps x {s['pgd_restarts']} "
+        f"restart(s), batch {s['batch']}/rank. AutoAttack: standard L-inf via {src}; "
+        f"batch {s['batch']}/rank for a fresh model whose labels are its own predictions (APGD-CE "
+        f"breaks them all: the cheap end), {s['aa_batch_never']}/rank for the same network made "
+        "unbreakable (every attack spends its full budget on every image: the expensive end). A "
+        "model with robust accuracy r costs about the cheap end plus r times the difference."]
+
+
+LINES = {"step": step_lines, "floor": floor_lines, "update": update_lines,
+         "pipeline": pipeline_lines, "e2e": e2e_lines, "reference": reference_lines,
+         "memory": memory_lines, "scaling": scaling_lines, "eval": eval_lines}
 
 
 def format_table(result: dict) -> str:
@@ -117,9 +217,12 @@ def format_table(result: dict) -> str:
     out = [f"## {env['device']}", "",
            f"commit {env['commit']}, torch {env['torch']}, DALI {env['dali']}, Python {env['python']}, "
            f"{env['torch_threads']} torch threads, {env['date']}", "", f"    {env['command']}", ""]
+    n = 0
     for part, lines in LINES.items():
         if part in result:
-            out += lines(result[part]) + [""]
+            n += 1
+            body = lines(result[part])
+            out += [body[0].replace("{n}", str(n))] + body[1:] + [""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -5,10 +5,13 @@
     python -m dist_free.bench --parts step,update --model resnet50 --image-size 224 --batch 64
     python -m dist_free.bench --results-md bench/RESULTS.md   # also refresh this device's table
 
-Parts: step (free replay vs natural, PGD-7, FGSM-RS; the replay broken down), update (fused vs
-eager perturbation update vs a plain copy), pipeline (DALI vs the torchvision DataLoader on real
-JPEGs), e2e (free training on JPEGs vs the synthetic source), memory (free vs natural peak),
-scaling (images/s per rank at world size 1 and 2, and the bytes DDP all-reduces).
+Parts: step (free replay vs natural, PGD-7, FGSM-RS; the replay broken down), floor (the replay
+against its floor: natural step + input gradient + fused update, to 1%), update (fused vs eager
+perturbation update vs a plain copy), pipeline (DALI vs the torchvision DataLoader on real JPEGs),
+e2e (free training on JPEGs vs the synthetic source), reference (our trainer vs a restatement of
+the authors' loop, end to end on the same JPEGs), memory (free vs natural peak), scaling (DDP
+images/s per rank at world size 1 and 2, same threads per rank; all-reduced bytes and share of
+time), eval (PGD and AutoAttack images/s per rank at world size 1 and 2).
 
 Every figure is a median over interleaved repeats, with its spread, and names the device it ran
 on. Ratios measured side by side are the portable result; absolute times only compare between
@@ -36,7 +39,7 @@ from dist_free import environment
 from dist_free.bench import pipeline, timing, workers
 from dist_free.bench.report import format_table, update_results_md
 
-PARTS = ("step", "update", "pipeline", "e2e", "memory", "scaling")
+PARTS = ("step", "floor", "update", "pipeline", "e2e", "reference", "memory", "scaling", "eval")
 
 
 @dataclass
@@ -54,24 +57,39 @@ class BenchConfig:
     update_shape: list[int] = field(default_factory=lambda: [64, 3, 224, 224])
     jpegs: int = 512
     e2e_batches: int = 8
+    floor_rounds: int = 30
+    reference: dict = field(default_factory=lambda: dict(batches=8, rounds=3))
     scaling: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
     threads: int = 0
+
+
+# The demo's model and evaluation settings (configs/demo.yaml): small_cnn, 10 classes, 32 px,
+# PGD-10 at eps 8/255 with one restart.
+DEMO_EVAL = dict(model="small_cnn", image_size=32, batch=64, classes=10, eps=8 / 255, pgd_steps=10,
+                 pgd_restarts=1, aa_batch_never=16, rounds=3)
 
 
 def cuda_defaults() -> dict:
     return dict(model="resnet50", image_size=224, batch=256, dtypes=["bf16"], channels_last=True,
-                jpegs=4096, e2e_batches=30, scaling=dict(model="resnet50", image_size=224, batch=128))
+                jpegs=4096, e2e_batches=30, floor_rounds=100,
+                scaling=dict(model="resnet50", image_size=224, batch=128, threads=4, rounds=5),
+                eval=dict(DEMO_EVAL, batch=256, aa_batch_never=64))
 
 
 def cpu_defaults() -> dict:
     return dict(model="resnet18", image_size=112, batch=32, dtypes=["fp32", "bf16"],
-                channels_last=False, e2e_batches=4, scaling=dict(model="small_cnn", image_size=32, batch=64))
+                channels_last=False, e2e_batches=4, floor_rounds=150,
+                scaling=dict(model="small_cnn", image_size=32, batch=64, threads=1, rounds=5),
+                eval=dict(DEMO_EVAL))
 
 
 def quick_defaults() -> dict:
     return dict(model="small_cnn", image_size=32, batch=8, dtypes=["fp32"], channels_last=False,
-                repeats=1, update_shape=[8, 3, 32, 32], jpegs=24, e2e_batches=2,
-                scaling=dict(model="small_cnn", image_size=32, batch=8))
+                repeats=1, update_shape=[8, 3, 32, 32], jpegs=24, e2e_batches=2, floor_rounds=2,
+                reference=dict(batches=2, rounds=1),
+                scaling=dict(model="small_cnn", image_size=32, batch=8, threads=1, rounds=1),
+                eval=dict(DEMO_EVAL, batch=4, aa_batch_never=2, pgd_steps=2, rounds=1))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,7 +103,8 @@ def build_config(a: argparse.Namespace) -> BenchConfig:
     device = resolve_device(a.device)
     base = quick_defaults() if a.quick else cuda_defaults() if device.type == "cuda" else cpu_defaults()
     chosen = {k: v for k, v in dict(model=a.model, image_size=a.image_size, batch=a.batch,
-                                    repeats=a.repeats, jpegs=a.jpegs).items() if v is not None}
+                                    repeats=a.repeats, jpegs=a.jpegs,
+                                    floor_rounds=a.floor_rounds).items() if v is not None}
     if a.dtype:
         chosen["dtypes"] = a.dtype.split(",")
     unknown = [d for d in chosen.get("dtypes", []) if d not in timing.DTYPES]
@@ -120,27 +139,45 @@ def environment_record(device: torch.device) -> dict:
 
 def part_step(cfg: BenchConfig, device, _workdir) -> dict:
     return {dtype: timing.step_cost(cfg.model, cfg.image_size, cfg.batch, dtype, device,
-                                          cfg.channels_last, cfg.replays, cfg.repeats)
+                                    cfg.channels_last, cfg.replays, cfg.repeats)
+            for dtype in cfg.dtypes}
+
+
+def part_floor(cfg: BenchConfig, device, _workdir) -> dict:
+    return {dtype: timing.replay_floor(cfg.model, cfg.image_size, cfg.batch, dtype, device,
+                                       cfg.channels_last, cfg.replays, cfg.floor_rounds,
+                                       cfg.repeats)
             for dtype in cfg.dtypes}
 
 
 def part_update(cfg: BenchConfig, device, _workdir) -> dict:
-    # The paper's setting: fp32 buffer, gradient and next input in the activation dtype (bf16).
-    return timing.update_cost(tuple(cfg.update_shape), torch.bfloat16, device,
-                                    cfg.repeats, calls=1)
+    # The trainer's operands: the clean batch as the loader hands it (fp16 on CUDA, fp32 on a
+    # CPU), fp32 buffer, gradient and replay input.
+    x_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return timing.update_cost(tuple(cfg.update_shape), x_dtype, device, cfg.repeats, calls=1)
 
 
 def part_pipeline(cfg: BenchConfig, device, workdir: Path) -> dict:
     root = pipeline.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
     return pipeline.pipeline_throughput(root, cfg.batch, cfg.image_size, device,
-                                          os.cpu_count() or 1, max(1, min(cfg.repeats, 3)))
+                                        os.cpu_count() or 1, max(1, min(cfg.repeats, 3)))
 
 
 def part_e2e(cfg: BenchConfig, device, workdir: Path) -> dict:
     root = pipeline.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
     return pipeline.end_to_end(root, cfg.model, cfg.image_size, cfg.batch, cfg.dtypes[0], device,
-                                 cfg.channels_last, cfg.replays, os.cpu_count() or 1,
-                                 cfg.e2e_batches, max(1, min(cfg.repeats, 2)))
+                               cfg.channels_last, cfg.replays, os.cpu_count() or 1,
+                               cfg.e2e_batches, max(1, min(cfg.repeats, 2)))
+
+
+def part_reference(cfg: BenchConfig, device, workdir: Path) -> dict:
+    if device.type != "cpu":
+        return {"skipped": "the reference comparison runs on the CPU (DALI CPU vs DataLoader)"}
+    root = pipeline.write_photo_jpegs(workdir / "jpegs", cfg.jpegs)
+    r = cfg.reference
+    return pipeline.reference_vs_trainer(root, cfg.model, cfg.image_size, cfg.batch, cfg.replays,
+                                         device, os.cpu_count() or 1, r["batches"], r["rounds"],
+                                         cfg.channels_last)
 
 
 def worker_cfg(cfg: BenchConfig, **overrides) -> dict:
@@ -159,24 +196,39 @@ def part_memory(cfg: BenchConfig, device, workdir: Path) -> dict:
                 free["buffer_bytes"] / max(1, free["peak_bytes"] - free["baseline_bytes"])}
 
 
-def part_scaling(cfg: BenchConfig, device, workdir: Path) -> dict:
-    w = worker_cfg(cfg, steps=2 if cfg.quick else 10, **cfg.scaling)
+def world_sizes(device) -> list[int]:
     # One rank per GPU (NCCL will not put two on one GPU); a CPU runs two gloo ranks on its cores.
     gpus = torch.cuda.device_count() if device.type == "cuda" else 2
-    worlds = sorted({n for n in (2, gpus) if 1 < n <= gpus})
-    runs = {"1": workers.single_process(w)}
-    runs.update({str(n): workers.spawn_ddp(n, w, workdir, os.cpu_count() or 1)
-                 for n in worlds})
+    return [1] + sorted({n for n in (2, gpus) if 1 < n <= gpus})
+
+
+def part_scaling(cfg: BenchConfig, device, workdir: Path) -> dict:
+    sc = dict(cfg.scaling)
+    threads = sc.pop("threads")
+    w = worker_cfg(cfg, steps=2 if cfg.quick else 10, **sc)
+    # Every world size under torchrun with the same threads per rank: what changes is DDP alone.
+    runs = {str(n): workers.spawn_ranks("ddp", n, w, workdir, threads) for n in world_sizes(device)}
     base = runs["1"]["ranks"][0]["free"]["images_per_s_per_rank"]
-    for n, run in runs.items():
+    for run in runs.values():
         per_rank = [r["free"]["images_per_s_per_rank"] for r in run["ranks"]]
         run["free_images_per_s_total"] = sum(per_rank)
         run["free_per_rank_vs_world1"] = (sum(per_rank) / len(per_rank)) / base
-    return {"settings": w, "runs": runs}
+    return {"settings": {**w, "threads_per_rank": threads}, "runs": runs}
 
 
-SECTIONS = {"step": part_step, "update": part_update, "pipeline": part_pipeline,
-            "e2e": part_e2e, "memory": part_memory, "scaling": part_scaling}
+def part_eval(cfg: BenchConfig, device, workdir: Path) -> dict:
+    e = dict(cfg.eval)
+    w = worker_cfg(cfg, **e)
+    runs = {str(n): workers.spawn_ranks("eval", n, w, workdir, 1) for n in world_sizes(device)}
+    for run in runs.values():
+        for key in ("pgd", "autoattack_broken_by_apgd_ce", "autoattack_never_broken"):
+            run[f"{key}_images_per_s_total"] = sum(r[key]["images_per_s"] for r in run["ranks"])
+    return {"settings": {**w, "threads_per_rank": 1}, "runs": runs}
+
+
+SECTIONS = {"step": part_step, "floor": part_floor, "update": part_update,
+            "pipeline": part_pipeline, "e2e": part_e2e, "reference": part_reference,
+            "memory": part_memory, "scaling": part_scaling, "eval": part_eval}
 
 
 def run_suite(cfg: BenchConfig, log=print) -> dict:
@@ -186,7 +238,8 @@ def run_suite(cfg: BenchConfig, log=print) -> dict:
         for part in cfg.parts:
             log(f"bench: {part} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            result[part] = {"device": environment.device_label(device), **SECTIONS[part](cfg, device, Path(tmp))}
+            measured = SECTIONS[part](cfg, device, Path(tmp))
+            result[part] = {"device": environment.device_label(device), **measured}
             result[part]["wall_s"] = time.perf_counter() - start
     return result
 
@@ -207,6 +260,7 @@ def parse_args(argv):
     p.add_argument("--parts", help=f"comma list of {', '.join(PARTS)} (default: all)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--repeats", type=int, help="interleaved rounds per comparison")
+    p.add_argument("--floor-rounds", type=int, help="interleaved rounds of the floor part")
     p.add_argument("--jpegs", type=int, help="generated JPEGs for the pipeline parts")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/<device>.json)")

@@ -1,18 +1,22 @@
-"""Child processes of `python -m dist_free.bench`: peak memory and DDP scaling.
+"""Child processes of `python -m dist_free.bench`: peak memory, DDP scaling, evaluation speed.
 
 Each measurement needs a process of its own: a CPU process's peak RSS only ever grows, so free and
 natural training must not share one; DDP needs torchrun's ranks. The parent starts them with
-`spawn_memory` / `spawn_ddp` and reads back one JSON file each.
+`spawn_memory` / `spawn_ranks` and reads back one JSON file each. Every world size, 1 included,
+runs under torchrun with the same threads per rank, so world sizes compare like for like.
 
     python -m dist_free.bench.workers memory --method free --model resnet18 ... --out F.json
-    torchrun --nproc_per_node=2 -m dist_free.bench.workers ddp --model small_cnn ... --out F.json
+    torchrun --nproc_per_node=2 -m dist_free.bench.workers ddp --threads 1 ... --out F.json
+    torchrun --nproc_per_node=2 -m dist_free.bench.workers eval --threads 1 ... --out F.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -21,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_free import distributed, environment
+from dist_free import attacks, distributed, environment
 from dist_free.bench.timing import DTYPES, make_batch, sync
 from dist_free.methods import build_method
 from dist_free.models import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = environment.REPO
 
 
 def child_env(threads: int) -> dict:
@@ -80,7 +84,9 @@ def memory_worker(a: argparse.Namespace) -> dict:
     for _ in range(a.steps):
         method.train_step(images, labels)
     sync(device)
-    buffers = [getattr(method, "_delta", None), getattr(method, "_x_adv", None)]
+    # The perturbation, the replay input and the eager update's scratch: all free training adds.
+    buffers = [getattr(method, "_delta", None), getattr(method, "_x_adv", None),
+               *(getattr(method, "_work", None) or ())]
     buffer_bytes = sum(t.numel() * t.element_size() for t in buffers if t is not None)
     peak = environment.peak_memory_bytes(device)
     return {"method": a.method, "peak_bytes": peak, "baseline_bytes": baseline,
@@ -97,10 +103,16 @@ def spawn_memory(methods: list[str], cfg: dict, workdir: Path, threads: int) -> 
     return {m: finish_child(procs[m], outs[m], timeout=600) for m in methods}
 
 
+OPTIONAL_FLAGS = ("rounds", "classes", "eps", "pgd_steps", "pgd_restarts", "aa_batch_never")
+
+
 def worker_flags(cfg: dict) -> list[str]:
     flags = ["--model", cfg["model"], "--image-size", str(cfg["image_size"]), "--batch",
              str(cfg["batch"]), "--dtype", cfg["dtype"], "--device", cfg["device"],
              "--replays", str(cfg["replays"]), "--steps", str(cfg["steps"])]
+    for key in OPTIONAL_FLAGS:
+        if key in cfg:
+            flags += ["--" + key.replace("_", "-"), str(cfg[key])]
     return flags + (["--channels-last"] if cfg["channels_last"] else [])
 
 
@@ -121,8 +133,15 @@ class CommCounter:
         return default_hooks.allreduce_hook(None, bucket)
 
 
+def local_hook(_state, bucket):
+    """DDP with the all-reduce taken out: each rank keeps its own gradient. Everything else DDP
+    does (bucketing, hooks, the reducer) stays, so the time it saves is communication's."""
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
 def timed_steps(method, images, labels, steps: int, device) -> float:
-    method.train_step(images, labels)      # start-up: DDP's first-iteration bucket rebuild
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -131,79 +150,178 @@ def timed_steps(method, images, labels, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
-def ddp_method(name: str, model, a, d, counter):
+def ddp_method(name: str, model, a, d, hook, state):
     from torch.nn.parallel import DistributedDataParallel as DDP
     net = model
     if d.distributed:
         net = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        net.register_comm_hook(counter, CommCounter.hook)
+        net.register_comm_hook(state, hook)
     opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
     return build_method(name, net, opt, amp_dtype=DTYPES[a.dtype], **method_options(name, a.replays))
 
 
+def barrier(d) -> None:
+    if d.distributed:
+        dist.barrier()
+
+
 def measure_method(name: str, a, d) -> dict:
+    """Images/s per rank of DDP training, and (world size > 1) the share of its time that the
+    all-reduce costs: the same steps with the all-reduce taken out, interleaved round by round."""
     torch.manual_seed(0)   # every rank starts from the same weights, as DDP requires
     model = build_model(a.model, 1000, channels_last=a.channels_last).to(d.device).train()
+    local_model = copy.deepcopy(model)
     counter = CommCounter()
-    method = ddp_method(name, model, a, d, counter)
+    method = ddp_method(name, model, a, d, CommCounter.hook, counter)
+    local = ddp_method(name, local_model, a, d, local_hook, None) if d.distributed else None
     torch.manual_seed(1 + d.rank)
     images, labels = make_batch(a.batch, a.image_size, 1000, d.device, a.channels_last)
-    elapsed = timed_steps(method, images, labels, a.steps, d.device)
-    passes = a.steps * (a.replays if name == "free" else 1)
-    before = counter.bytes
+    for m in filter(None, (method, local)):   # start-up: DDP's first-iteration bucket rebuild
+        m.train_step(images, labels)
     counter.bytes = 0
-    method.train_step(images, labels)    # count exactly one train_step
+    method.train_step(images, labels)         # count exactly one train_step
     sync(d.device)
+    per_step = counter.bytes
+    times, local_times = [], []
+    for _ in range(a.rounds):
+        barrier(d)
+        times.append(timed_steps(method, images, labels, a.steps, d.device))
+        if local is not None:
+            barrier(d)
+            local_times.append(timed_steps(local, images, labels, a.steps, d.device))
+    elapsed = statistics.median(times)
+    passes = a.steps * (a.replays if name == "free" else 1)
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     delta = getattr(method, "perturbation", None)
-    return {"images_per_s_per_rank": a.steps * a.batch / elapsed,
-            "passes_per_s_per_rank": passes / elapsed,
-            "allreduce_bytes_per_train_step": counter.bytes,
-            "allreduce_bytes_per_pass": counter.bytes / (a.replays if name == "free" else 1),
-            "allreduce_bytes_timed": before, "param_bytes": params,
-            "perturbation_bytes": 0 if delta is None else delta.numel() * delta.element_size()}
+    out = {"images_per_s_per_rank": a.steps * a.batch / elapsed,
+           "passes_per_s_per_rank": passes / elapsed,
+           "round_seconds": times,
+           "allreduce_bytes_per_train_step": per_step,
+           "allreduce_bytes_per_pass": per_step / (a.replays if name == "free" else 1),
+           "param_bytes": params,
+           "perturbation_bytes": 0 if delta is None else delta.numel() * delta.element_size()}
+    if local is not None:
+        shares = [1 - b / t for t, b in zip(times, local_times)]
+        out.update(local_round_seconds=local_times,
+                   images_per_s_per_rank_without_allreduce=a.steps * a.batch / statistics.median(local_times),
+                   allreduce_share={"median": statistics.median(shares), "min": min(shares),
+                                    "max": max(shares), "n": len(shares)})
+    return out
 
 
 def measure_rank(a, d) -> dict:
     return {name: measure_method(name, a, d) for name in ("free", "natural")}
 
 
-def single_process(cfg: dict) -> dict:
-    """World size 1 in this very process (no DDP, no launcher): the baseline per-rank rate."""
-    a = parse_args(["ddp", "--out", "-"] + worker_flags(cfg))
-    device = environment.resolve_device(a.device)
-    return {"world_size": 1, "ranks": [measure_rank(a, distributed.DistInfo(device=device))],
-            "threads_per_rank": torch.get_num_threads(), "backend": None}
+def gather(result: dict, d) -> list:
+    gathered = [None] * d.world_size if d.distributed else [result]
+    if d.distributed:
+        dist.all_gather_object(gathered, result)
+    return gathered
 
 
 def ddp_worker(a: argparse.Namespace) -> dict | None:
+    torch.set_num_threads(a.threads)
     d = distributed.init(a.device)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world_size))
     try:
-        result = measure_rank(a, d)
-        gathered = [None] * d.world_size if d.distributed else [result]
-        if d.distributed:
-            dist.all_gather_object(gathered, result)
-        return {"world_size": d.world_size, "ranks": gathered,
-                "threads_per_rank": torch.get_num_threads(),
+        ranks = gather(measure_rank(a, d), d)
+        return {"world_size": d.world_size, "ranks": ranks, "threads_per_rank": torch.get_num_threads(),
                 "backend": dist.get_backend() if d.distributed else None} if d.is_main else None
     finally:
         distributed.shutdown()
 
 
-def spawn_ddp(world_size: int, cfg: dict, workdir: Path, cores: int) -> dict:
-    out = workdir / f"ddp_{world_size}.json"
+def spawn_ranks(kind: str, world_size: int, cfg: dict, workdir: Path, threads: int,
+                timeout: float = 1800) -> dict:
+    """`world_size` ranks of a worker under torchrun, `threads` torch threads each."""
+    out = workdir / f"{kind}_{world_size}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world_size}", "-m", "dist_free.bench.workers", "ddp",
-           "--out", str(out)] + worker_flags(cfg)
-    return run_child(cmd, out, max(1, cores // world_size), timeout=600)
+           f"--nproc_per_node={world_size}", "-m", "dist_free.bench.workers", kind,
+           "--out", str(out), "--threads", str(threads)] + worker_flags(cfg)
+    return run_child(cmd, out, threads, timeout=timeout)
+
+
+# ---------------------------------------------------------------- evaluation throughput
+
+def unbreakable(model: torch.nn.Module) -> torch.nn.Module:
+    """The same network with its last layer shrunk a million-fold and one class given a margin of
+    10: no eps-bounded input change can move the prediction, so every attack spends its whole
+    budget on every image (AutoAttack's worst case; its cost is the network's, unchanged)."""
+    model = copy.deepcopy(model)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1e-6)
+        last.bias.zero_()
+        last.bias[0] = 10.0
+    return model
+
+
+def rate(fn, images: int, rounds: int) -> dict:
+    """Images/s over `rounds` calls (median), after one untimed call."""
+    result = fn()
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        result = fn()
+        seconds.append(time.perf_counter() - start)
+    return {"images_per_s": images / statistics.median(seconds), "seconds": seconds,
+            "robust": int(result.sum())}
+
+
+def eval_worker(a: argparse.Namespace) -> dict | None:
+    """PGD (attacks.robust_correct) and AutoAttack (standard) images/s on this rank's batch."""
+    torch.set_num_threads(a.threads)
+    d = distributed.init(a.device)
+    try:
+        torch.manual_seed(0)
+        model = build_model(a.model, a.classes).to(d.device).eval()
+        g = torch.Generator().manual_seed(1 + d.rank)
+        images = torch.rand(a.batch, 3, a.image_size, a.image_size, generator=g).to(d.device)
+        with torch.no_grad():
+            # Labels = the model's own predictions: every image starts correctly classified, so
+            # every one is attacked (a wrong clean prediction would skip it).
+            labels = model(images).argmax(1)
+        eps = a.eps
+        result = {"pgd": rate(lambda: attacks.robust_correct(
+            model, images, labels, eps=eps, steps=a.pgd_steps, restarts=a.pgd_restarts),
+            a.batch, a.rounds)}
+        aa_run, aa_source = autoattack_runner()
+        for regime, net, n in (("broken_by_apgd_ce", model, a.batch),
+                               ("never_broken", unbreakable(model), a.aa_batch_never)):
+            x = images[:n]
+            with torch.no_grad():
+                y = net(x).argmax(1)
+            result[f"autoattack_{regime}"] = rate(lambda: aa_run(net, x, y, eps), n, 1)
+        result["autoattack_source"] = aa_source
+        ranks = gather(result, d)
+        return {"world_size": d.world_size, "ranks": ranks,
+                "threads_per_rank": torch.get_num_threads()} if d.is_main else None
+    finally:
+        distributed.shutdown()
+
+
+def autoattack_runner():
+    """dist_free.autoattack.run_standard (the evaluator's own path) where it exists; else the
+    authors' package called directly, the same standard L-inf version."""
+    try:
+        from dist_free import autoattack
+        return (lambda net, x, y, eps: autoattack.run_standard(net, x, y, eps=eps).robust,
+                "dist_free.autoattack.run_standard")
+    except ImportError:
+        from pyautoattack import AutoAttack
+
+        def run(net, x, y, eps):
+            aa = AutoAttack(net, norm="Linf", eps=eps, version="standard", seed=0, device=x.device)
+            _, y_adv = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+            return y_adv == y
+        return run, "pyautoattack.AutoAttack (standard) directly"
 
 
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dist_free.bench.workers")
-    p.add_argument("kind", choices=["memory", "ddp"])
+    p.add_argument("kind", choices=["memory", "ddp", "eval"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--method", default="free")
     p.add_argument("--model", required=True)
@@ -213,13 +331,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--replays", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (ddp, eval)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (ddp, eval)")
     p.add_argument("--channels-last", action="store_true")
+    # eval
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--eps", type=float, default=8 / 255)
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--pgd-restarts", type=int, default=1)
+    p.add_argument("--aa-batch-never", type=int, default=16,
+                   help="images per rank for AutoAttack's never-broken case (its full budget)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    result = memory_worker(a) if a.kind == "memory" else ddp_worker(a)
+    result = {"memory": memory_worker, "ddp": ddp_worker, "eval": eval_worker}[a.kind](a)
     if result is not None:
         a.out.write_text(json.dumps(result, indent=2))
     return 0
