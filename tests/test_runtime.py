@@ -30,11 +30,15 @@ def test_lr_scales_linearly_with_the_global_batch():
     assert runtime.base_lr(cfg, world_size=4) == pytest.approx(0.4)
 
 
-def test_precision_defaults_to_fp32_on_the_cpu():
-    assert runtime.resolve_amp("auto", torch.device("cpu")) is None
+def test_training_precision_follows_dist_free_precision_and_attacks_stay_fp32():
+    from dist_free import precision
+    cpu = torch.device("cpu")
+    assert runtime.resolve_amp("auto", cpu) is precision.resolve_amp("auto", cpu)[0]
     assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
     assert runtime.resolve_amp("fp16", torch.device("cpu")) is torch.float16
     assert runtime.resolve_amp("off", torch.device("cuda", 0)) is None
+    assert runtime.attack_dtype("off") is None              # eval.amp=off: attacks in fp32
+    assert runtime.attack_dtype("bf16") is torch.bfloat16
 
 
 def test_compiled_model_trains_like_the_eager_one():

@@ -37,7 +37,7 @@ def test_two_ranks_train_identical_weights_with_their_own_perturbations(demo_roo
     assert state["epoch"] == 1 and state["world_size"] == 2
     assert torch.equal(state["rank_states"][1]["perturbation"], r1["perturbation"])   # every rank saved
     assert state["eval"]["samples"] > 0
-    assert "clean top-1" in proc.stderr and "PGD-2 top-1" in proc.stderr
+    assert "val clean top-1" in proc.stderr and "PGD-2x1" in proc.stderr
 
 
 def test_two_nodes_rendezvous_over_c10d_and_train_together(demo_root, tmp_path):
