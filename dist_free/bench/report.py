@@ -24,8 +24,9 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def ms_or_noise(seconds: float) -> str:
-    # A difference of two medians (natural step - fwd/bwd) can come out below zero when the part
-    # is smaller than the rounds' spread: say so rather than print a negative time.
+    # A difference of two medians (natural step - fwd/bwd, input-grad fwd/bwd - fwd/bwd) can come
+    # out below zero when the part is smaller than the rounds' spread: say so rather than print a
+    # negative time.
     return f"{seconds * 1e3:.3g}" if seconds > 0 else "below noise"
 
 
@@ -39,7 +40,7 @@ def step_lines(step: dict) -> list[str]:
                      spread(r["free_replay/natural_step"]) + f" ({verdict(t['free_replay_vs_natural'])})",
                      spread(r["pgd7_step/natural_step"]) + f" ({verdict(t['pgd7_vs_natural'])})",
                      spread(r["fgsm_rs_step/natural_step"]) + f" ({verdict(t['fgsm_rs_vs_natural'])})",
-                     f"{b['input_grad_extra_s'] * 1e3:.3g}", f"{b['update_s'] * 1e3:.3g}",
+                     ms_or_noise(b["input_grad_extra_s"]), f"{b['update_s'] * 1e3:.3g}",
                      ms_or_noise(b["optimizer_step_s"])])
     first = next(v for v in step.values() if isinstance(v, dict) and "model" in v)
     title = (f"### {{n}}. Step cost: {first['model']}, {first['image_size']} px, batch {first['batch']}, "

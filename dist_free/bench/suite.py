@@ -80,7 +80,7 @@ def cuda_defaults() -> dict:
 def cpu_defaults() -> dict:
     return dict(model="resnet18", image_size=112, batch=32, dtypes=["fp32", "bf16"],
                 channels_last=False, e2e_batches=4, floor_rounds=150,
-                scaling=dict(model="small_cnn", image_size=32, batch=64, threads=1, rounds=5),
+                scaling=dict(model="small_cnn", image_size=32, batch=64, threads=1, rounds=9),
                 eval=dict(DEMO_EVAL))
 
 

@@ -172,7 +172,7 @@ def step_cost(model_name: str, image_size: int, batch: int, dtype: str, device: 
     model = build_model(model_name, 1000, channels_last=channels_last).to(device).train()
     images, labels = make_batch(batch, image_size, 1000, device, channels_last)
     variants = step_variants(model, images, labels, DTYPES[dtype], replays, eps)
-    samples = interleaved(variants, device, repeats)
+    samples = interleaved(variants, device, repeats, rotate=True)
     seconds = {name: summary(s) for name, s in samples.items()}
     ratios = {f"{name}/natural_step": paired_ratio(samples, name, "natural_step")
               for name in samples if name != "natural_step"}
