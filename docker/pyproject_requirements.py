@@ -8,6 +8,7 @@ only see pyproject.toml, hence this reader instead of `pip install .`.
 """
 
 import sys
+
 import tomllib
 
 
