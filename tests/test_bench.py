@@ -127,7 +127,9 @@ def test_eval_rates_per_rank_and_the_unbreakable_regime(quick_run):
         for rank in run["ranks"]:
             assert rank["pgd"]["images_per_s"] > 0
             # The unbreakable network keeps every image, so AutoAttack ran its whole budget.
-            assert rank["autoattack_never_broken"]["robust"] == s["aa_batch_never"]
+            aa = rank["autoattack_unbreakable"]
+            assert aa["robust"] == aa["images"] == s["aa_batch_never"]
+            assert list(aa["robust_after"].values()) == [s["aa_batch_never"]] * 4
 
 
 def test_memory_reports_the_perturbation_buffers(quick_run):

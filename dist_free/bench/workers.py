@@ -235,6 +235,7 @@ def spawn_ranks(kind: str, world_size: int, cfg: dict, workdir: Path, threads: i
                 timeout: float = 1800) -> dict:
     """`world_size` ranks of a worker under torchrun, `threads` torch threads each."""
     out = workdir / f"{kind}_{world_size}.json"
+    out.unlink(missing_ok=True)      # a rerun must not read an earlier run's file
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={world_size}", "-m", "dist_free.bench.workers", kind,
            "--out", str(out), "--threads", str(threads)] + worker_flags(cfg)
@@ -256,16 +257,20 @@ def unbreakable(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def rate(fn, images: int, rounds: int) -> dict:
-    """Images/s over `rounds` calls (median), after one untimed call."""
-    result = fn()
+def rate(fn, images: int, rounds: int, warmup: bool = True) -> dict:
+    """Images/s over `rounds` calls (median), after one untimed call if `warmup`. fn returns the
+    per-image robust flags, or (flags, robust count after each attack)."""
+    if warmup:
+        fn()
     seconds = []
     for _ in range(rounds):
         start = time.perf_counter()
         result = fn()
         seconds.append(time.perf_counter() - start)
-    return {"images_per_s": images / statistics.median(seconds), "seconds": seconds,
-            "robust": int(result.sum())}
+    robust, after = result if isinstance(result, tuple) else (result, None)
+    out = {"images_per_s": images / statistics.median(seconds), "seconds": seconds,
+           "images": images, "robust": int(robust.sum())}
+    return out if after is None else {**out, "robust_after": after}
 
 
 def eval_worker(a: argparse.Namespace) -> dict | None:
@@ -286,12 +291,16 @@ def eval_worker(a: argparse.Namespace) -> dict | None:
             model, images, labels, eps=eps, steps=a.pgd_steps, restarts=a.pgd_restarts),
             a.batch, a.rounds)}
         aa_run, aa_source = autoattack_runner()
-        for regime, net, n in (("broken_by_apgd_ce", model, a.batch),
-                               ("never_broken", unbreakable(model), a.aa_batch_never)):
+        # AutoAttack's cost grows with robust accuracy: each attack runs only on the images the
+        # earlier ones left robust. Two ends: the fresh network, which it breaks almost entirely,
+        # and the same network made unbreakable, on which all four attacks run in full.
+        # (Deterministic seeds: one timed run each; the PGD runs above warmed the kernels up.)
+        for regime, net, n in (("fresh", model, a.batch),
+                               ("unbreakable", unbreakable(model), a.aa_batch_never)):
             x = images[:n]
             with torch.no_grad():
                 y = net(x).argmax(1)
-            result[f"autoattack_{regime}"] = rate(lambda: aa_run(net, x, y, eps), n, 1)
+            result[f"autoattack_{regime}"] = rate(lambda: aa_run(net, x, y, eps), n, 1, warmup=False)
         result["autoattack_source"] = aa_source
         ranks = gather(result, d)
         return {"world_size": d.world_size, "ranks": ranks,
@@ -305,8 +314,10 @@ def autoattack_runner():
     authors' package called directly, the same standard L-inf version."""
     try:
         from dist_free import autoattack
-        return (lambda net, x, y, eps: autoattack.run_standard(net, x, y, eps=eps).robust,
-                "dist_free.autoattack.run_standard")
+        def run(net, x, y, eps):
+            r = autoattack.run_standard(net, x, y, eps=eps)
+            return r.robust, r.robust_after
+        return run, "dist_free.autoattack.run_standard"
     except ImportError:
         from pyautoattack import AutoAttack
 
