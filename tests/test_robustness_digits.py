@@ -16,6 +16,13 @@ from dist_free.models import NormalizedModel, small_cnn
 EPS = 0.1
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # A tiny net on 50-image batches: a second thread only adds synchronisation, and on a loaded
+    # 2-core machine OpenMP's spin-waiting makes two threads several times slower than one.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def digits():
     d = load_digits()
