@@ -9,6 +9,13 @@ def _two_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """For tiny nets: a second thread only adds synchronisation, and on a loaded 2-core machine
+    OpenMP's spin-waiting made them up to 30x slower with two (use with pytest.mark.usefixtures)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_mlflow_uri():
     """mlflow.set_tracking_uri() also sets MLFLOW_TRACKING_URI in os.environ; undo it after each

@@ -22,3 +22,11 @@ def minibatches(sizes, seed=1):
     # Values near 0 and 1 make the [0, 1] clamp active, so its gradient mask matters.
     return [(torch.rand(b, 3, 6, 6, generator=g) ** 3, torch.randint(0, 5, (b,), generator=g))
             for b in sizes]
+
+
+def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 handwritten digits as (N, 3, 8, 8) pixels in [0, 1], and labels."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div(16).unsqueeze(1).repeat(1, 3, 1, 1)
+    return x, torch.tensor(d.target)

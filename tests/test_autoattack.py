@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 from helpers_launch import ROOT, probe_env, torchrun
+from helpers_nets import digits_tensors
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from dist_free import attacks, autoattack, checkpoint
 from dist_free.config import load_config
@@ -26,18 +26,12 @@ from dist_free.models import build_model
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These nets and images are tiny, so a second thread only adds synchronisation; on a loaded
-    # 2-core machine OpenMP's spin-waiting made the attacks here up to 30x slower with two.
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def digits():
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).div(16).unsqueeze(1).repeat(1, 3, 1, 1)
-    return x, torch.tensor(d.target)
+    return digits_tensors()
 
 
 @pytest.fixture(scope="module")

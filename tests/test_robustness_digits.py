@@ -7,7 +7,7 @@ and 1/8 of PGD-7's. The margins below leave room for seed-to-seed variation.
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from helpers_nets import digits_tensors
 
 from dist_free.attacks import correct, robust_correct
 from dist_free.methods import build_method
@@ -16,18 +16,12 @@ from dist_free.models import NormalizedModel, small_cnn
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # A tiny net on 50-image batches: a second thread only adds synchronisation, and on a loaded
-    # 2-core machine OpenMP's spin-waiting makes two threads several times slower than one.
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def digits():
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).div(16).unsqueeze(1).repeat(1, 3, 1, 1)
-    y = torch.tensor(d.target)
+    x, y = digits_tensors()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     return (x[perm[:1400]], y[perm[:1400]]), (x[perm[1400:]], y[perm[1400:]])
 
