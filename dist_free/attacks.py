@@ -1,4 +1,5 @@
-"""Evaluation attacks: L-inf PGD with random restarts, and FGSM.
+"""L-inf PGD (the one PGD loop: PGD training and evaluation both run `pgd_perturbation`) with
+random restarts, and FGSM.
 
 Attacks run the model in eval mode and differentiate with respect to the input only
 (`torch.autograd.grad`), so they never touch weights, their `.grad`, or BatchNorm running
@@ -12,12 +13,14 @@ divide every sample's gradient by the batch size, pushing small gradients below 
 can represent, while the sign step only needs each sample's direction.
 
 Randomness: PGD's random starts come from `generator` when one is given, so an evaluation can
-make them depend only on the batch they attack (see dist_free.evaluate), never on the global RNG.
+make them depend only on the batch they attack (see dist_free.robust_eval), never on the global
+RNG.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +51,22 @@ def _input_grad(model, x, labels, amp_dtype):
     return grad
 
 
-def _random_start(x, eps, generator):
-    # linf.random_start's uniform draw, but from `generator` when given (None: the global RNG).
-    return torch.empty_like(x, dtype=torch.float32).uniform_(-eps, eps, generator=generator)
+def pgd_perturbation(images: torch.Tensor, input_grad: Callable[[torch.Tensor], torch.Tensor], *,
+                     eps: float, steps: int, step_size: float, random_start: bool = True,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD's perturbation delta (fp32) of `images`: a random start in the eps-ball (or zero),
+    then `steps` sign steps, each projected onto the eps-ball and the [0, 1] box.
+
+    `input_grad(x_adv)` returns the loss gradient at x_adv = clamp(images + delta, 0, 1): the
+    evaluation attack takes it in eval mode, PGD training through its own loss and scaler.
+    """
+    x = images.float()
+    delta = linf.random_start(x, eps, generator) if random_start else torch.zeros_like(x)
+    delta = linf.clamp_pixels(x + delta) - x
+    for _ in range(steps):
+        grad = input_grad(linf.perturb(x, delta))
+        delta = linf.attack_step(x, delta, grad, eps, step_size)
+    return delta
 
 
 def pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
@@ -61,11 +77,9 @@ def pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, e
     step_size = step_size if step_size is not None else 2.5 * eps / steps
     x = images.float()
     with eval_mode(model):
-        delta = _random_start(x, eps, generator) if random_start else torch.zeros_like(x)
-        delta = linf.clamp_pixels(x + delta) - x
-        for _ in range(steps):
-            grad = _input_grad(model, x + delta, labels, amp_dtype)
-            delta = linf.attack_step(x, delta, grad, eps, step_size)
+        delta = pgd_perturbation(x, lambda x_adv: _input_grad(model, x_adv, labels, amp_dtype),
+                                 eps=eps, steps=steps, step_size=step_size,
+                                 random_start=random_start, generator=generator)
     return (x + delta).detach()
 
 

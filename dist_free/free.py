@@ -6,6 +6,14 @@ backward on x_adv = clamp(x + delta, 0, 1); that single backward yields both the
 zero and carries over from one minibatch to the next (the warm start that makes m small replays
 add up to a strong attack). Run total_epochs / m epochs and the cost equals natural training's.
 
+The perturbation update is `free_update`, a pure function written once as plain tensor code;
+`FreeAdversarialTrainer` is the thin stateful wrapper that owns the buffers and calls it. Run
+eagerly (the CPU) the update writes into preallocated `UpdateWork` buffers: seven element-wise
+passes, nothing allocated; `compiled_free_update` hands the very same function to torch.compile,
+which fuses it into one kernel (Triton on CUDA, Inductor's C++ backend on the CPU). Sharing the
+function is what makes the two paths agree bit for bit. Its geometry (sign step, eps clamp,
+[0, 1] clamp) is linf.py's, fused.
+
 Example:
     t = FreeAdversarialTrainer(model, optimizer, eps=4/255, replays=4)
     for images, labels in loader:          # images in [0, 1]
@@ -14,10 +22,75 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
-from dist_free import linf
 from dist_free.step_base import LossFn, StepBase, StepStats, batch_stats
+
+
+class UpdateWork(NamedTuple):
+    """Scratch tensors for the eager update, allocated once per buffer shape and reused."""
+    pre: torch.Tensor       # x + delta, fp32
+    inside: torch.Tensor    # 1.0 where the pixel clamp was inactive, else 0.0 (fp32)
+    step: torch.Tensor      # sign of the gradient, fp32
+
+    @classmethod
+    def like(cls, delta: torch.Tensor) -> UpdateWork:
+        return cls(*(torch.empty_like(delta) for _ in cls._fields))
+
+    def rows(self, b: int) -> UpdateWork:
+        return UpdateWork(*(t[:b] for t in self))
+
+
+def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
+                found_inf: torch.Tensor | None, eps: float, step_size: float, x_adv: torch.Tensor,
+                next_input: bool, work: UpdateWork | None = None) -> None:
+    """Free training's perturbation update, in place.
+
+    x: the clean batch; delta: this rank's fp32 buffer rows for it; grad: dL/d x_adv from the replay
+    just run (its positive loss scale does not change the sign); x_adv: that replay's input, which
+    must be exactly clamp(x + delta, 0, 1) as `linf.perturb` or the previous update computed it.
+
+    The paper differentiates through clamp(x + delta, 0, 1), so the step is masked where the clamp
+    was active; torch's clamp backward passes gradient on the closed interval, so we do too. The
+    clamp was inactive exactly where x_adv equals x + delta (elsewhere x_adv holds 0 or 1, which
+    x + delta is not): one comparison instead of two and an AND. found_inf: the GradScaler's
+    non-finite flag; where it is > 0 the step is skipped, like the optimizer's (None: no scaler,
+    nothing to skip). next_input: overwrite x_adv with the next replay's input clamp(x + delta, 0, 1)
+    (one tensor read and written in place: the compiled kernel would pay for an aliased output).
+    `work`: reused scratch (eager); None allocates it, which under torch.compile costs nothing
+    (the fused kernel keeps it in registers).
+    """
+    pre, inside, step = work if work is not None else UpdateWork.like(delta)
+    torch.add(x, delta, out=pre)
+    torch.eq(x_adv, pre, out=inside)
+    if grad.dtype == step.dtype:
+        torch.sign(grad, out=step)
+    else:                                   # a 16-bit gradient: widen in place, then its sign
+        step.copy_(grad).sign_()
+    if found_inf is not None:
+        # masked_fill, not a multiply: a skipped step's gradient may hold NaN, and NaN * 0 is NaN.
+        step.masked_fill_(found_inf > 0, 0.0)
+    delta.addcmul_(step, inside, value=step_size).clamp_(-eps, eps)
+    if next_input:
+        torch.add(x, delta, out=x_adv).clamp_(0.0, 1.0)
+
+
+@functools.cache
+def compiled_free_update():
+    """`free_update` fused by torch.compile; compiled lazily on first use, once per process."""
+    # dynamic=None: the first shape compiles static; a smaller last batch triggers one dynamic
+    # recompile instead of one per size.
+    return torch.compile(free_update, fullgraph=True)
+
+
+def resolve_fused(fused: bool | str, device: torch.device) -> bool:
+    """'auto' fuses on CUDA only: on a CPU the one-off C++ compile costs more than short runs gain."""
+    if fused == "auto":
+        return device.type == "cuda"
+    return bool(fused)
 
 
 class FreeAdversarialTrainer(StepBase):
@@ -39,11 +112,11 @@ class FreeAdversarialTrainer(StepBase):
         self.step_size = float(eps if step_size is None else step_size)
         if not self.step_size > 0:
             raise ValueError(f"step_size must be > 0, got {step_size}")
-        self.fused = linf.resolve_fused(fused, self.device)
-        self._update = linf.compiled_free_update() if self.fused else linf.free_update
+        self.fused = resolve_fused(fused, self.device)
+        self._update = compiled_free_update() if self.fused else free_update
         self._delta: torch.Tensor | None = None
         self._x_adv: torch.Tensor | None = None
-        self._work: linf.UpdateWork | None = None
+        self._work: UpdateWork | None = None
         if input_shape is not None:
             self._allocate(tuple(input_shape))
 
@@ -67,7 +140,7 @@ class FreeAdversarialTrainer(StepBase):
         self._x_adv = torch.empty(shape, device=self.device, dtype=torch.float32,
                                   memory_format=fmt)
         # The eager update's scratch, allocated once; the fused kernel needs none.
-        self._work = None if self.fused else linf.UpdateWork.like(self._delta)
+        self._work = None if self.fused else UpdateWork.like(self._delta)
 
     def _check_shape(self, images: torch.Tensor) -> None:
         if self._delta is None:
@@ -96,8 +169,10 @@ class FreeAdversarialTrainer(StepBase):
             last = replay == self.replays - 1
             with torch.no_grad():
                 # Without a GradScaler no step is ever skipped: pass None, not a zero to test.
-                self._update(images, delta, x_adv.grad, found_inf if self.scaler is not None else None,
-                             self.eps, self.step_size, x_adv_buf, not last, work)
+                self._update(images, delta, x_adv.grad,
+                             found_inf=found_inf if self.scaler is not None else None,
+                             eps=self.eps, step_size=self.step_size, x_adv=x_adv_buf,
+                             next_input=not last, work=work)
                 loss_sum += loss.detach()
                 correct += (logits.argmax(1) == labels).sum()
         return batch_stats(loss_sum, correct, self.replays, b)

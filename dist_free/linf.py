@@ -1,4 +1,4 @@
-"""The L-inf geometry, in one place: pixel clamp, eps-ball projection, sign step.
+"""The L-inf geometry, in one place: pixel clamp, eps-ball projection, sign step, random start.
 
 Training (free, PGD, fast-FGSM) and evaluation (attacks.py) all perturb images through these
 functions, so the threat model cannot drift between them. Images live in [0, 1]; eps and step
@@ -9,17 +9,11 @@ Adversarial inputs are fp32. Under bf16 or fp16 autocast the model casts them it
 model would move it by up to half a bf16 step (2^-9 near 1, an eighth of eps = 4/255) and could
 leave the eps-ball around x. `perturb` therefore refuses 16-bit dtypes.
 
-`free_update` is the free-training inner update written once as plain tensor code. Run eagerly
-(the CPU) it writes into preallocated `UpdateWork` buffers: seven element-wise passes, nothing
-allocated; `compiled_free_update` hands the very same function to torch.compile, which fuses it
-into one kernel (Triton on CUDA, Inductor's C++ backend on the CPU). Sharing the function is what
-makes the two paths agree bit for bit.
+Free training's fused in-place update (the same geometry, written as one kernel over reused
+buffers) lives beside its trainer in free.py.
 """
 
 from __future__ import annotations
-
-import functools
-from typing import NamedTuple
 
 import torch
 
@@ -44,9 +38,11 @@ def perturb(x: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype = torch.flo
     return clamp_pixels(x.float() + delta)
 
 
-def random_start(like: torch.Tensor, eps: float) -> torch.Tensor:
-    """Uniform noise in the eps-ball, as PGD and fast-FGSM start from."""
-    return torch.empty_like(like, dtype=torch.float32).uniform_(-eps, eps)
+def random_start(like: torch.Tensor, eps: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform noise in the eps-ball, as PGD and fast-FGSM start from; drawn from `generator`
+    when given (evaluation keys its draws to the batch), else from the global RNG."""
+    return torch.empty_like(like, dtype=torch.float32).uniform_(-eps, eps, generator=generator)
 
 
 def attack_step(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, eps: float,
@@ -54,66 +50,3 @@ def attack_step(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, eps: f
     """One PGD ascent step on delta, projected onto both the eps-ball and the image box."""
     delta = project(sign_step(delta, grad, step_size), eps)
     return clamp_pixels(x.float() + delta) - x.float()
-
-
-class UpdateWork(NamedTuple):
-    """Scratch tensors for the eager update, allocated once per buffer shape and reused."""
-    pre: torch.Tensor       # x + delta, fp32
-    inside: torch.Tensor    # 1.0 where the pixel clamp was inactive, else 0.0 (fp32)
-    step: torch.Tensor      # sign of the gradient, fp32
-
-    @classmethod
-    def like(cls, delta: torch.Tensor) -> UpdateWork:
-        return cls(*(torch.empty_like(delta) for _ in cls._fields))
-
-    def rows(self, b: int) -> UpdateWork:
-        return UpdateWork(*(t[:b] for t in self))
-
-
-def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
-                found_inf: torch.Tensor | None, eps: float, step_size: float, x_adv: torch.Tensor,
-                next_input: bool, work: UpdateWork | None = None) -> None:
-    """Free training's perturbation update, in place.
-
-    x: the clean batch; delta: this rank's fp32 buffer rows for it; grad: dL/d x_adv from the replay
-    just run (its positive loss scale does not change the sign); x_adv: that replay's input, which
-    must be exactly clamp(x + delta, 0, 1) as `perturb` or the previous update computed it.
-
-    The paper differentiates through clamp(x + delta, 0, 1), so the step is masked where the clamp
-    was active; torch's clamp backward passes gradient on the closed interval, so we do too. The
-    clamp was inactive exactly where x_adv equals x + delta (elsewhere x_adv holds 0 or 1, which
-    x + delta is not): one comparison instead of two and an AND. found_inf: the GradScaler's
-    non-finite flag; where it is > 0 the step is skipped, like the optimizer's (None: no scaler,
-    nothing to skip). next_input: overwrite x_adv with the next replay's input clamp(x + delta, 0, 1)
-    (one tensor read and written in place: the compiled kernel would pay for an aliased output).
-    `work`: reused scratch (eager); None allocates it, which under torch.compile costs nothing
-    (the fused kernel keeps it in registers).
-    """
-    pre, inside, step = work if work is not None else UpdateWork.like(delta)
-    torch.add(x, delta, out=pre)
-    torch.eq(x_adv, pre, out=inside)
-    if grad.dtype == step.dtype:
-        torch.sign(grad, out=step)
-    else:                                   # a 16-bit gradient: widen in place, then its sign
-        step.copy_(grad).sign_()
-    if found_inf is not None:
-        # masked_fill, not a multiply: a skipped step's gradient may hold NaN, and NaN * 0 is NaN.
-        step.masked_fill_(found_inf > 0, 0.0)
-    delta.addcmul_(step, inside, value=step_size).clamp_(-eps, eps)
-    if next_input:
-        torch.add(x, delta, out=x_adv).clamp_(0.0, 1.0)
-
-
-@functools.cache
-def compiled_free_update():
-    """`free_update` fused by torch.compile; compiled lazily on first use, once per process."""
-    # dynamic=None: the first shape compiles static; a smaller last batch triggers one dynamic
-    # recompile instead of one per size.
-    return torch.compile(free_update, fullgraph=True)
-
-
-def resolve_fused(fused: bool | str, device: torch.device) -> bool:
-    """'auto' fuses on CUDA only: on a CPU the one-off C++ compile costs more than short runs gain."""
-    if fused == "auto":
-        return device.type == "cuda"
-    return bool(fused)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from dist_free import linf
+from dist_free.attacks import pgd_perturbation
 from dist_free.free import FreeAdversarialTrainer
 from dist_free.step_base import LossFn, StepBase, StepStats, batch_stats
 
@@ -69,12 +70,8 @@ class PGDTrainer(_AttackTrainer):
         self.steps = steps
 
     def attack(self, images, labels):
-        delta = linf.random_start(images, self.eps)
-        delta = linf.clamp_pixels(images.float() + delta) - images.float()
-        for _ in range(self.steps):
-            grad = self.input_grad(linf.perturb(images, delta, self.input_dtype), labels)
-            delta = linf.attack_step(images, delta, grad, self.eps, self.step_size)
-        return delta
+        return pgd_perturbation(images, lambda x_adv: self.input_grad(x_adv, labels), eps=self.eps,
+                                steps=self.steps, step_size=self.step_size)
 
 
 class FastFGSMTrainer(_AttackTrainer):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dist_free import linf
+from dist_free import free, linf
 
 
 def inputs(dtype, seed=0, shape=(4, 3, 16, 16)):
@@ -19,14 +19,14 @@ def run(update, dtype, found_inf=0.0, work=False):
     x, delta, grad = inputs(dtype)
     x_adv = linf.perturb(x, delta)
     update(x, delta, grad, torch.tensor(found_inf), 4 / 255, 1 / 255, x_adv, True,
-           linf.UpdateWork.like(delta) if work else None)
+           free.UpdateWork.like(delta) if work else None)
     return delta, x_adv
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_compiled_update_equals_eager_update(dtype):
-    eager_delta, eager_out = run(linf.free_update, dtype, work=True)
-    fused_delta, fused_out = run(linf.compiled_free_update(), dtype)
+    eager_delta, eager_out = run(free.free_update, dtype, work=True)
+    fused_delta, fused_out = run(free.compiled_free_update(), dtype)
     assert torch.equal(fused_delta, eager_delta)
     assert torch.equal(fused_out, eager_out)
     assert fused_out.dtype == torch.float32
@@ -34,13 +34,13 @@ def test_compiled_update_equals_eager_update(dtype):
 
 def test_update_in_reused_scratch_equals_allocating_update():
     """Scratch left over from a different batch must not leak into the next update."""
-    work = linf.UpdateWork.like(inputs(torch.float32)[1])
+    work = free.UpdateWork.like(inputs(torch.float32)[1])
     for t in work:
         t.fill_(float("nan"))
-    fresh = run(linf.free_update, torch.float32)
+    fresh = run(free.free_update, torch.float32)
     x, delta, grad = inputs(torch.float32)
     x_adv = linf.perturb(x, delta)
-    linf.free_update(x, delta, grad, None, 4 / 255, 1 / 255, x_adv, True, work)
+    free.free_update(x, delta, grad, None, 4 / 255, 1 / 255, x_adv, True, work)
     assert torch.equal(delta, fresh[0]) and torch.equal(x_adv, fresh[1])
 
 
@@ -50,7 +50,7 @@ def test_update_steps_by_sign_within_eps_and_masks_the_clamp():
     delta = torch.tensor([0.0, 3.5 / 255, 0.0, -1 / 255, 2 / 255, 0.0])
     grad = torch.tensor([1.0, 1.0, -2.0, 1.0, 1.0, 0.0])
     out = linf.perturb(x, delta)
-    linf.free_update(x, delta, grad, None, eps, step, out, True)
+    free.free_update(x, delta, grad, None, eps, step, out, True)
     # +step; clipped to eps; -step; clamp active below 0: no step; clamp active above 1: no step; zero grad.
     expected = torch.tensor([1 / 255, 4 / 255, -1 / 255, -1 / 255, 2 / 255, 0.0])
     torch.testing.assert_close(delta, expected)
@@ -62,7 +62,7 @@ def test_update_is_skipped_when_the_scaler_found_inf():
     before = delta.clone()
     grad[1] = float("nan")                  # what an overflowed backward can leave behind
     x_adv = linf.perturb(x, delta)
-    linf.free_update(x, delta, grad, torch.tensor(1.0), 4 / 255, 1 / 255, x_adv, False)
+    free.free_update(x, delta, grad, torch.tensor(1.0), 4 / 255, 1 / 255, x_adv, False)
     assert torch.equal(delta, before)
 
 
@@ -70,13 +70,13 @@ def test_eager_update_with_scratch_allocates_no_batch_sized_tensor():
     """The CPU trainer runs this between every two replays: reused buffers, nothing allocated."""
     from torch.profiler import ProfilerActivity, profile
     x, delta, grad = inputs(torch.float32, shape=(8, 3, 32, 32))
-    x, x_adv, work = x.float(), linf.perturb(x, delta), linf.UpdateWork.like(delta)
+    x, x_adv, work = x.float(), linf.perturb(x, delta), free.UpdateWork.like(delta)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        linf.free_update(x, delta, grad, None, 4 / 255, 1 / 255, x_adv, True, work)
+        free.free_update(x, delta, grad, None, 4 / 255, 1 / 255, x_adv, True, work)
     allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
     assert max(allocated, default=0) < x.numel()          # not even a bool mask of the batch
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        linf.free_update(x, delta, grad, None, 4 / 255, 1 / 255, x_adv, True)
+        free.free_update(x, delta, grad, None, 4 / 255, 1 / 255, x_adv, True)
     assert max(e.cpu_memory_usage for e in prof.events()) >= 4 * x.numel()   # the test can see one
 
 
@@ -106,6 +106,6 @@ def test_attack_step_stays_in_eps_ball_and_image_box():
 
 
 def test_fused_resolution():
-    assert linf.resolve_fused("auto", torch.device("cpu")) is False
-    assert linf.resolve_fused("auto", torch.device("cuda", 0)) is True
-    assert linf.resolve_fused(True, torch.device("cpu")) is True
+    assert free.resolve_fused("auto", torch.device("cpu")) is False
+    assert free.resolve_fused("auto", torch.device("cuda", 0)) is True
+    assert free.resolve_fused(True, torch.device("cpu")) is True
