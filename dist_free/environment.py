@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import random
 import resource
 import shlex
 import subprocess
@@ -32,6 +33,12 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU: only {torch.cuda.device_count()} "
                            "visible; lower --nproc_per_node")
     return torch.device("cuda", local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's global RNGs (the trainer passes run.seed + rank)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

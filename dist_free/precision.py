@@ -34,7 +34,9 @@ import torch
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 CHOICES = ("auto", "bf16", "fp16", "off")
-NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+# The one table of dtype names (None: fp32, i.e. no autocast). Config values use "off" for fp32.
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
@@ -94,5 +96,22 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, str
     return dtype_of(amp), f"run.amp={amp} on {device.type}: {amp} as asked"
 
 
-def dtype_of(amp: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+def dtype_of(amp: str) -> torch.dtype | None:
+    """The dtype a name stands for: bf16, fp16, or None for fp32 / off."""
+    return None if amp == "off" else DTYPES[amp]
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The training autocast dtype of `run.amp` on `device` (None: fp32); see `resolve_amp`."""
+    return resolve_amp(amp, device)[0]
+
+
+def attack_dtype(amp: str) -> torch.dtype | None:
+    """Attacks and evaluation: fp32 unless eval.amp / --amp asks otherwise ("off" = fp32)."""
+    return dtype_of(amp)
+
+
+def loader_dtype(device: torch.device) -> torch.dtype:
+    # fp16 halves the decoded batch's memory traffic on a GPU and holds [0, 1] pixels exactly
+    # enough (11-bit mantissa > 8-bit JPEG); the perturbation is added in fp32 anyway.
+    return torch.float16 if device.type == "cuda" else torch.float32

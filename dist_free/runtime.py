@@ -1,14 +1,10 @@
-"""Turning a Config into live objects: precision, loaders, model (wrapped), method, optimizer,
-loss and the lr schedule.
+"""Turning a Config into live objects: loaders, model (wrapped), method, optimizer and loss.
 
 Shared by the trainer and the standalone evaluator so both build exactly the same model and val
 pipeline from a checkpoint's config.
 """
 
 from __future__ import annotations
-
-import math
-import random
 
 import torch
 import torch.nn.functional as F
@@ -18,30 +14,10 @@ import pipelines
 from dist_free import precision
 from dist_free.config import Config, ConfigError
 from dist_free.distributed import DistInfo
+from dist_free.lr_schedule import base_lr
 from dist_free.methods import METHODS
 from dist_free.models import build_model
 from dist_free.step_base import StepBase
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The training autocast dtype (None: fp32); the rule and its reasons: dist_free.precision."""
-    return precision.resolve_amp(amp, device)[0]
-
-
-def attack_dtype(amp: str) -> torch.dtype | None:
-    """Attacks and evaluation: fp32 unless eval.amp / --amp asks otherwise ("off" = fp32)."""
-    return None if amp == "off" else precision.dtype_of(amp)
-
-
-def loader_dtype(device: torch.device) -> torch.dtype:
-    # fp16 halves the decoded batch's memory traffic on a GPU and holds [0, 1] pixels exactly
-    # enough (11-bit mantissa > 8-bit JPEG); the perturbation is added in fp32 anyway.
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None = None,
@@ -58,7 +34,7 @@ def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None
         data.loader, data.root, split, batch_size=batch, image_size=data.image_size,
         val_resize=data.val_resize, min_area=data.min_area, rank=d.rank,
         world_size=d.world_size, seed=cfg.run.seed, device=d.device,
-        dtype=loader_dtype(d.device), channels_last=cfg.model.channels_last,
+        dtype=precision.loader_dtype(d.device), channels_last=cfg.model.channels_last,
         num_threads=data.threads, num_classes=cfg.model.num_classes, class_to_idx=class_to_idx,
         holdout=cfg.eval.holdout, **options)
 
@@ -113,30 +89,3 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> tor
     return torch.optim.SGD(params, lr=base_lr(cfg, world_size), momentum=o.momentum,
                            weight_decay=o.weight_decay, nesterov=o.nesterov,
                            fused=True if on_gpu else None)   # one kernel for all parameters
-
-
-def base_lr(cfg: Config, world_size: int) -> float:
-    """Linear scaling: optim.lr was tuned for a global batch of optim.lr_batch."""
-    return cfg.optim.lr * cfg.per_rank_batch(world_size) * world_size / cfg.optim.lr_batch
-
-
-def lr_factor(cfg: Config, natural_epoch: float) -> float:
-    """The schedule as a pure function of progress in natural-training epochs.
-
-    Free training covers `replays` natural epochs' worth of SGD steps per real epoch, so the
-    trainer passes real_epoch_progress * replays: milestones and warm-up stay in the paper's
-    natural-epoch units. Being stateless, it resumes exactly from the saved progress.
-    """
-    o = cfg.optim
-    if o.warmup_epochs > 0 and natural_epoch < o.warmup_epochs:
-        return (natural_epoch + 1e-3) / o.warmup_epochs
-    if o.schedule == "cosine":
-        span = max(o.epochs - o.warmup_epochs, 1e-9)
-        t = min(max(natural_epoch - o.warmup_epochs, 0.0) / span, 1.0)
-        return 0.5 * (1 + math.cos(math.pi * t))
-    return o.gamma ** sum(natural_epoch >= m for m in o.milestones)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

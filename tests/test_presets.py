@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_free import runtime
+from dist_free import lr_schedule
 from dist_free.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ FREE = [p for p in IMAGENET if p.name.startswith("free_m4_")]
 def test_every_imagenet_preset_trains_at_a_global_batch_of_256_and_lr_0_1(preset, world_size):
     cfg = load_config(preset)
     assert cfg.per_rank_batch(world_size) * world_size == 256
-    assert runtime.base_lr(cfg, world_size) == pytest.approx(0.1)
+    assert lr_schedule.base_lr(cfg, world_size) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("world_size", [1, 4, 8])
@@ -32,7 +32,7 @@ def test_free_presets_follow_the_authors_schedule(preset, world_size):
     assert cfg.real_epochs == math.ceil(90 / m) == 23
     for epoch in range(cfg.real_epochs):
         for within in (0.0, 0.5, 0.999):      # the trainer's progress within the epoch
-            lr = runtime.base_lr(cfg, world_size) * runtime.lr_factor(cfg, (epoch + within) * m)
+            lr = lr_schedule.base_lr(cfg, world_size) * lr_schedule.lr_factor(cfg, (epoch + within) * m)
             assert lr == pytest.approx(0.1 * 0.1 ** (epoch // math.ceil(30 / m))), (epoch, within)
 
 

@@ -3,42 +3,41 @@
 import pytest
 import torch
 
-from dist_free import runtime
+from dist_free import lr_schedule, precision
 from dist_free.config import load_config
 
 
 def test_step_schedule_is_in_natural_epochs_so_free_training_decays_m_times_sooner():
     cfg = load_config(None, ["optim.milestones=[30,60]", "optim.gamma=0.1", "method.replays=4"])
-    assert runtime.lr_factor(cfg, 29.9) == 1.0
-    assert runtime.lr_factor(cfg, 30.0) == pytest.approx(0.1)
-    assert runtime.lr_factor(cfg, 61.0) == pytest.approx(0.01)
+    assert lr_schedule.lr_factor(cfg, 29.9) == 1.0
+    assert lr_schedule.lr_factor(cfg, 30.0) == pytest.approx(0.1)
+    assert lr_schedule.lr_factor(cfg, 61.0) == pytest.approx(0.01)
     # The trainer passes real-epoch progress x replays: real epoch 7.5 of 23 is natural epoch 30.
-    assert runtime.lr_factor(cfg, 7.5 * cfg.replays) == pytest.approx(0.1)
+    assert lr_schedule.lr_factor(cfg, 7.5 * cfg.replays) == pytest.approx(0.1)
 
 
 def test_warmup_then_cosine_to_zero():
     cfg = load_config(None, ["optim.schedule=cosine", "optim.warmup_epochs=2", "optim.epochs=10"])
-    assert runtime.lr_factor(cfg, 0.0) < 0.01
-    assert runtime.lr_factor(cfg, 1.0) == pytest.approx(0.5, abs=1e-3)
-    assert runtime.lr_factor(cfg, 2.0) == pytest.approx(1.0)
-    assert runtime.lr_factor(cfg, 6.0) == pytest.approx(0.5)
-    assert runtime.lr_factor(cfg, 10.0) == pytest.approx(0.0, abs=1e-9)
+    assert lr_schedule.lr_factor(cfg, 0.0) < 0.01
+    assert lr_schedule.lr_factor(cfg, 1.0) == pytest.approx(0.5, abs=1e-3)
+    assert lr_schedule.lr_factor(cfg, 2.0) == pytest.approx(1.0)
+    assert lr_schedule.lr_factor(cfg, 6.0) == pytest.approx(0.5)
+    assert lr_schedule.lr_factor(cfg, 10.0) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_lr_scales_linearly_with_the_global_batch():
     cfg = load_config(None, ["optim.lr=0.1", "optim.lr_batch=256", "data.batch_size=256"])
-    assert runtime.base_lr(cfg, world_size=4) == pytest.approx(0.4)
+    assert lr_schedule.base_lr(cfg, world_size=4) == pytest.approx(0.4)
 
 
 def test_training_precision_follows_dist_free_precision_and_attacks_stay_fp32():
-    from dist_free import precision
     cpu = torch.device("cpu")
-    assert runtime.resolve_amp("auto", cpu) is precision.resolve_amp("auto", cpu)[0]
-    assert runtime.resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
-    assert runtime.resolve_amp("fp16", torch.device("cpu")) is torch.float16
-    assert runtime.resolve_amp("off", torch.device("cuda", 0)) is None
-    assert runtime.attack_dtype("off") is None              # eval.amp=off: attacks in fp32
-    assert runtime.attack_dtype("bf16") is torch.bfloat16
+    assert precision.autocast_dtype("auto", cpu) is precision.resolve_amp("auto", cpu)[0]
+    assert precision.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert precision.autocast_dtype("fp16", torch.device("cpu")) is torch.float16
+    assert precision.autocast_dtype("off", torch.device("cuda", 0)) is None
+    assert precision.attack_dtype("off") is None              # eval.amp=off: attacks in fp32
+    assert precision.attack_dtype("bf16") is torch.bfloat16
 
 
 def test_compiled_model_trains_like_the_eager_one():

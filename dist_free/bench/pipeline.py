@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 import pipelines
-from dist_free.bench.timing import DTYPES, sync, target
+from dist_free.bench.timing import sync, target
 from dist_free.methods import build_method
 from dist_free.models import build_model
+from dist_free.precision import DTYPES
 
 JPEG_QUALITY = 90
 BASE_SIZE = (500, 375)   # ImageNet's most common train-image size, landscape

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from dist_free import environment
+from dist_free import environment, precision
 from dist_free.bench import pipeline, timing, workers
 from dist_free.bench.report import format_table, update_results_md
 
@@ -108,9 +108,9 @@ def build_config(a: argparse.Namespace) -> BenchConfig:
                                     floor_rounds=a.floor_rounds).items() if v is not None}
     if a.dtype:
         chosen["dtypes"] = a.dtype.split(",")
-    unknown = [d for d in chosen.get("dtypes", []) if d not in timing.DTYPES]
+    unknown = [d for d in chosen.get("dtypes", []) if d not in precision.DTYPES]
     if unknown:
-        raise SystemExit(f"bench: --dtype {unknown} not one of {sorted(timing.DTYPES)}")
+        raise SystemExit(f"bench: --dtype {unknown} not one of {sorted(precision.DTYPES)}")
     parts = a.parts.split(",") if a.parts else list(PARTS)
     if set(parts) - set(PARTS):
         raise SystemExit(f"bench: --parts {sorted(set(parts) - set(PARTS))} not among {PARTS}")

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from dist_free import linf
+from dist_free.free import UpdateWork, compiled_free_update, free_update, resolve_fused
 from dist_free.methods import build_method
 from dist_free.models import build_model
+from dist_free.precision import DTYPES
 from dist_free.step_base import batch_stats
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sync(device: torch.device) -> None:
@@ -153,9 +153,9 @@ def fwd_bwd(method, x, labels, input_grad: bool) -> None:
 def trainer_update(device: torch.device, like: torch.Tensor):
     """The update and its scratch exactly as FreeAdversarialTrainer picks them ("auto": fused on
     CUDA, eager with reused scratch elsewhere)."""
-    if linf.resolve_fused("auto", device):
-        return linf.compiled_free_update(), None
-    return linf.free_update, linf.UpdateWork.like(like)
+    if resolve_fused("auto", device):
+        return compiled_free_update(), None
+    return free_update, UpdateWork.like(like)
 
 
 def update_variant(images, input_dtype, eps: float) -> Variant:
@@ -204,7 +204,7 @@ def floor_pass(natural, images, labels, delta, x_adv, eps: float) -> None:
     logits, loss, found_inf = natural.sgd_step(leaf, labels)
     with torch.no_grad():
         batch_stats(loss.detach(), (logits.argmax(1) == labels).sum(), 1, images.shape[0])
-        linf.compiled_free_update()(images, delta, leaf.grad,
+        compiled_free_update()(images, delta, leaf.grad,
                                     found_inf if natural.scaler is not None else None, eps, eps,
                                     x_adv, True)
 
@@ -248,7 +248,7 @@ def replay_parts(f: FloorSetup, images, eps: float, repeats: int, device) -> dic
     delta, x_adv = t._delta[:b], t._x_adv[:b]
     work = None if t._work is None else t._work.rows(b)
     grad = torch.randn(images.shape, device=device)
-    fused = linf.compiled_free_update()
+    fused = compiled_free_update()
     args = (images, delta, grad, None, eps, eps, x_adv)
     samples = interleaved({
         "first_input": Variant(lambda: torch.add(images, delta, out=x_adv).clamp_(0.0, 1.0)),
@@ -362,16 +362,16 @@ def essential_bytes(x, delta, grad, x_adv) -> int:
 def update_cost(shape: tuple[int, ...], x_dtype: torch.dtype, device: torch.device,
                 repeats: int, calls: int, eps: float = 4 / 255) -> dict:
     x, delta, grad, x_adv = update_operands(shape, device, x_dtype)
-    fused = linf.compiled_free_update()
-    work = linf.UpdateWork.like(delta)
+    fused = compiled_free_update()
+    work = UpdateWork.like(delta)
     src, dst = torch.rand(shape, device=device), torch.empty(shape, device=device)
     args = (x, delta, grad, None, eps, eps / 4, x_adv, True)
     t0 = time.perf_counter()
     fused(*args)   # compile outside the timed rounds
     compile_s = time.perf_counter() - t0
     samples = interleaved({
-        "eager": Variant(lambda: linf.free_update(*args, work), calls=calls),
-        "eager_alloc": Variant(lambda: linf.free_update(*args), calls=calls),
+        "eager": Variant(lambda: free_update(*args, work), calls=calls),
+        "eager_alloc": Variant(lambda: free_update(*args), calls=calls),
         "fused": Variant(lambda: fused(*args), calls=calls),
         "copy": Variant(lambda: dst.copy_(src), calls=calls),
     }, device, repeats)

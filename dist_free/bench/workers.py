@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 from dist_free import attacks, distributed, environment
-from dist_free.bench.timing import DTYPES, make_batch, sync
+from dist_free.bench.timing import make_batch, sync
 from dist_free.methods import build_method
 from dist_free.models import build_model
+from dist_free.precision import DTYPES
 
 REPO = environment.REPO
 
