@@ -13,12 +13,12 @@ training state, not a cache).
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from dist_free import atomic
 
 
 class CheckpointError(RuntimeError):
@@ -26,34 +26,18 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(state: dict, path: Path, write=torch.save) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash or preemption mid-write leaves the previous checkpoint intact: rename is atomic on
-    POSIX file systems, and the temporary file never has the final name. A full or unwritable
-    disk is a CheckpointError naming the path and the free space, with nothing left behind.
-    `write(state, file)` is torch.save; tests pass one that fails.
+    """Write `state` to `path` atomically (dist_free.atomic): a crash or preemption mid-write
+    leaves the previous checkpoint intact. A full or unwritable disk is a CheckpointError naming
+    the path and the free space, with nothing left behind. `write(state, file)` is torch.save;
+    tests pass one that fails.
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return atomic.write_atomic(path, lambda f: write(state, f))
     except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} "
                               f"({free_space(path.parent)} free there); the previous "
                               f"{path.name}, if any, is intact") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def free_space(folder: Path) -> str:

@@ -177,13 +177,21 @@ NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
 MAX_INT = 2**63 - 1
 
 
+def parse_fraction(text: str) -> Fraction:
+    """A number written as text, exactly: "4/255", "0.1", "1e-4", "3". ValueError if it is none."""
+    try:
+        return Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"not a number: {text!r}") from None
+
+
 def _parse_number(key: str, value, kind: type):
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if isinstance(value, str):
         try:
-            value = Fraction(value.strip())          # "4/255", "0.1", "1e-4"
-        except (ValueError, ZeroDivisionError):
+            value = parse_fraction(value)
+        except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}: expected a finite number, got {value}")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from dist_free import checkpoint, distributed, environment, precision, runtime, validation
+from dist_free import checkpoint, distributed, environment, lr_schedule, precision, runtime, validation
 from dist_free.config import Config, flatten, to_yaml
 from dist_free.distributed import DistInfo
-from dist_free.export import export_checkpoint
+from dist_free.model_card import export_checkpoint
 from dist_free.progress import Progress
 from dist_free.step_base import StepBase
 from dist_free.tracking import build_tracker, environment_tags
@@ -80,7 +80,7 @@ class Run:
         run_dir = Path(cfg.run.dir) / cfg.run.name
         resume = checkpoint.latest(run_dir)
         state = checkpoint.load(resume) if resume else None
-        runtime.seed_everything(cfg.run.seed + d.rank)   # each rank its own augmentations/noise
+        environment.seed_everything(cfg.run.seed + d.rank)   # each rank its own augmentations/noise
         def loader(split, classes):
             note = run_dir / f".decoding_{split}_rank{d.rank}.json"
             return runtime.build_loader(cfg, d, split, classes, crash_note=note)
@@ -90,7 +90,7 @@ class Run:
         holdout_loader = loader("holdout", train_loader.class_to_idx) if cfg.eval.holdout else None
         model = runtime.build_bare_model(cfg, d.device)
         optimizer = runtime.build_optimizer(cfg, model, d.world_size)
-        amp_dtype = runtime.resolve_amp(cfg.run.amp, d.device)
+        amp_dtype = precision.autocast_dtype(cfg.run.amp, d.device)
         method = runtime.build_method(cfg, model, optimizer, d, amp_dtype)
         tracker = build_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment,
                                 cfg.run.name, run_dir, d.rank,
@@ -212,22 +212,22 @@ def train_one_epoch(run: Run) -> str:
     loader.set_epoch(run.epoch, run.start_batch)
     steps = len(loader)
     window = Window(run.d.device)
-    progress = Progress(run.d.is_main, cfg.run.progress, f"epoch {run.epoch + 1}/{cfg.real_epochs}",
-                        steps, run.start_batch)
+    # A log line at every log point (run.log_every steps), as the metrics are logged.
+    progress = Progress(f"epoch {run.epoch + 1}/{cfg.real_epochs}", steps, done=run.start_batch,
+                        enabled=run.d.is_main, mode=cfg.run.progress, log_every_s=0)
     batches = iter(loader)
     probes = validation.probe_points(steps, cfg.eval.probes_per_epoch)
     for i in range(run.start_batch, steps):
         images, labels = window.wait_for(batches)
-        lr = runtime.base_lr(cfg, run.d.world_size) * runtime.lr_factor(
-            cfg, (run.epoch + i / steps) * cfg.replays)
-        runtime.set_lr(run.optimizer, lr)
+        lr = lr_schedule.lr_at(cfg, run.d.world_size, run.epoch + i / steps)
+        lr_schedule.set_lr(run.optimizer, lr)
         window.add(run.method.train_step(images, labels), images.shape[0])
         run.global_step, run.start_batch = run.global_step + 1, i + 1
         if run.global_step % cfg.run.log_every == 0 or i + 1 == steps:
             metrics, stop = window.close(run.preemption.requested, cfg.replays)
             metrics["train/lr"] = lr
             run.log_metrics(metrics, run.global_step)
-            progress.update(i + 1, metrics)
+            progress.update(i + 1, progress_text(metrics))
             if stop:
                 progress.close()
                 return "stopped"
@@ -242,6 +242,13 @@ def train_one_epoch(run: Run) -> str:
                 return "collapsed"
     progress.close()
     return "done"
+
+
+def progress_text(metrics: dict) -> str:
+    """The window's figures beside the progress bar (already on the host: no extra sync)."""
+    return (f"loss {metrics['train/loss']:.3f} adv-acc {100 * metrics['train/adv_acc']:.1f}% "
+            f"{metrics['perf/images_per_s']:.0f} img/s "
+            f"data-wait {100 * metrics['perf/data_wait_frac']:.0f}%")
 
 
 def run_probe(run: Run) -> bool:

@@ -1,4 +1,4 @@
-"""Evaluation during training: the epoch's report, honest model selection, the collapse probe.
+"""Evaluation during training: the epoch's report, model selection, the collapse probe.
 
 - Selection: with `eval.holdout` > 0 a fixed set of training images is never trained on; best.pt
   is chosen by PGD accuracy on those, and the val set only reports. Without a holdout best.pt is
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_free import distributed, runtime
-from dist_free.evaluate import evaluate
+from dist_free import distributed, precision
+from dist_free.robust_eval import evaluate
 
 
 class Stopped(Exception):
@@ -58,7 +58,7 @@ def pgd_accuracy(run, loader, *, steps: int, restarts: int, max_batches: int | N
     batches = stop_checked(loader, lambda: run.preemption.requested, run.d.device, max_batches)
     return evaluate(run.model, batches, eps_values=[cfg.eval_eps], steps=steps,
                     step_size=cfg.eval.step_size, restarts=restarts,
-                    amp_dtype=runtime.attack_dtype(cfg.eval.amp))
+                    amp_dtype=precision.attack_dtype(cfg.eval.amp))
 
 
 def epoch_report(run) -> dict:
@@ -72,7 +72,7 @@ def epoch_report(run) -> dict:
     return {"epoch": run.epoch, "global_step": run.global_step, "samples": val["samples"],
             "top1": val["top1"], "top5": val["top5"], "pgd": val["pgd"][eps], "eps": eps,
             "attack": "pgd", "pgd_steps": cfg.eval.steps, "pgd_restarts": cfg.eval.restarts,
-            "dtype": "fp32" if cfg.eval.amp == "off" else cfg.eval.amp,
+            "dtype": precision.NAMES[precision.attack_dtype(cfg.eval.amp)],
             "holdout": None if held is None else {"samples": held["samples"], "top1": held["top1"],
                                                   "pgd": held["pgd"][eps]},
             "selected_on": "holdout" if held else "val", "selection_metric": chosen["pgd"][eps],

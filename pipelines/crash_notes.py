@@ -19,11 +19,17 @@ from .verify import FATAL, check_file
 
 
 def note_in_flight(note: Path | None, files) -> None:
-    if note is None:
-        return
+    if note is not None:
+        replace_note(note, [str(f) for f in files])
+
+
+def replace_note(note: Path, content) -> None:
+    """`content` as JSON in `note`, renamed into place: a crash mid-write leaves the previous
+    note whole. Not fsynced: a note rewritten every batch only has to outlive a crashed process
+    (the page cache does); pipelines may not import dist_free.atomic."""
     tmp = note.with_name(note.name + ".tmp")
-    tmp.write_text(json.dumps([str(f) for f in files]))
-    os.replace(tmp, note)      # a crash mid-write leaves the previous note whole
+    tmp.write_text(json.dumps(content))
+    os.replace(tmp, note)
 
 
 def clear_note(note: Path | None) -> None:
@@ -59,9 +65,7 @@ def record_data_error(note: Path, message: str) -> None:
     after the data was fixed) goes ahead.
     """
     note.parent.mkdir(parents=True, exist_ok=True)
-    tmp = note.with_name(note.name + ".tmp")
-    tmp.write_text(json.dumps({"job": os.environ.get("TORCHELASTIC_RUN_ID"), "error": message}))
-    os.replace(tmp, note)
+    replace_note(note, {"job": os.environ.get("TORCHELASTIC_RUN_ID"), "error": message})
 
 
 def check_data_error(note: Path) -> None:

@@ -73,7 +73,7 @@ def test_bad_restarts_are_refused(trained):
 
 def test_every_attack_path_runs_in_fp32_unless_amp_is_asked_for(trained):
     """A GPU loader hands fp16 batches; no attack may quietly run the model in low precision."""
-    from dist_free.evaluate import evaluate
+    from dist_free.robust_eval import evaluate
     model, x, y = trained
     x = x[:16].half()
     seen = []

@@ -150,7 +150,7 @@ def test_an_outside_autoattack_run_reproduces_the_exported_cards_number(digits_c
     from pyautoattack import AutoAttack
 
     from dist_free.distributed import DistInfo
-    from dist_free.export import export_checkpoint
+    from dist_free.model_card import export_checkpoint
     from dist_free.models import from_checkpoint
     from dist_free.runtime import build_loader
 

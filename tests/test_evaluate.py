@@ -13,8 +13,9 @@ from helpers_launch import ROOT, probe_env, torchrun
 import pipelines
 from dist_free import checkpoint
 from dist_free.config import load_config
-from dist_free.evaluate import main, masking, parse_args, print_report
+from dist_free.evaluate import main, parse_args
 from dist_free.models import build_model
+from dist_free.report import masking, print_report
 
 pytestmark = pytest.mark.slow
 

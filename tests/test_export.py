@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_free import checkpoint, export
+from dist_free import checkpoint, export, model_card
 from dist_free.config import config_from_dict
 from dist_free.models import build_model, from_checkpoint
 
@@ -120,7 +120,7 @@ def test_card_describes_the_recipe_and_labels_in_training_numbers(resnet_export)
     assert card["evaluation"]["source"] == "in_training" and card["evaluation"]["final"] is False
     md = (out / "MODEL_CARD.md").read_text()
     assert "not a final number: PGD-10 in training, not AutoAttack; selected on" in md
-    assert "| pgd | PGD-10 x 1 restart(s)" in md and "25.00%" in md
+    assert "| pgd | PGD-10 x 1 restarts" in md and "25.00%" in md
     assert "resize the shorter side to 36" in md and "0: cat, 1: dog, 2: owl" in md
 
 
@@ -128,7 +128,7 @@ def test_from_checkpoint_gives_the_same_model_from_checkpoint_and_export(tmp_pat
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     ckpt = make_checkpoint(tmp_path / "last.pt", mean=mean, std=std)
     out = tmp_path / "export"
-    export.export_checkpoint(ckpt, out)
+    model_card.export_checkpoint(ckpt, out)
     x = torch.rand(5, 3, 16, 16)
     trained = from_checkpoint(ckpt)
     assert not trained.training
@@ -170,7 +170,7 @@ def test_card_carries_the_reports_protocol(resnet_export, tmp_path):
     assert ("1000 val images (subset of 1000: first 1000 of the sorted listing, file list sha256 "
             f"`{'ab' * 32}`), bf16, 4 rank(s)") in md
     assert f"checkpoint sha256 `{sha256(ckpt)}`" in md
-    assert ("| pgd | PGD-50 x 2 restart(s), step 0.00392157 (1/255), ce loss "
+    assert ("| pgd | PGD-50 x 2 restarts, step 0.00392157 (1/255), CE loss "
             "| 0.0156863 (4/255) | 34.00% |") in md
     assert "| autoattack | AutoAttack standard (apgd-ce, apgd-t) |" in md and "30.00%" in md
     assert "**Warning: PGD minus AutoAttack = 4.00% (threshold 2.00%): possible gradient masking.**" in md
@@ -221,19 +221,19 @@ def test_cli_errors_carry_no_traceback(tmp_path):
 def test_force_replaces_an_export_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "last.pt")
     out = tmp_path / "export"
-    export.export_checkpoint(ckpt, out)
+    model_card.export_checkpoint(ckpt, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def disk_full(path):
         raise OSError("disk full")
     monkeypatch.setattr(export, "fsync_path", disk_full)
     with pytest.raises(OSError, match="disk full"):
-        export.export_checkpoint(ckpt, out, force=True)
+        model_card.export_checkpoint(ckpt, out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "last.pt"]  # no temp folders
     monkeypatch.undo()
-    written = export.export_checkpoint(ckpt, out, force=True)
-    assert sorted(p.name for p in written) == sorted(export.EXPORT_FILES)
+    written = model_card.export_checkpoint(ckpt, out, force=True)
+    assert sorted(p.name for p in written) == sorted(model_card.EXPORT_FILES)
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask    # an ordinary folder, not a 0700 temp

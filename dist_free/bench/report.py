@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dist_free.report import pct
+
 MB = 2**20
 
 
@@ -66,13 +68,9 @@ def update_lines(u: dict) -> list[str]:
         f"({verdict(u['targets']['fused_fraction_of_copy_bw'])}); one-off compile {u['compile_s']:.1f} s"]
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:.2g}%"
-
-
 def ratio_cell(r: dict) -> str:
     lo, hi = r["median_ci95"]
-    return f"{r['median']:.4f} [CI {lo:.4f}-{hi:.4f}; IQR/med {pct(r['iqr_over_median'])}]"
+    return f"{r['median']:.4f} [CI {lo:.4f}-{hi:.4f}; IQR/med {pct(r['iqr_over_median'], '.2g')}]"
 
 
 def floor_lines(fl: dict) -> list[str]:
