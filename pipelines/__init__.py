@@ -13,7 +13,7 @@ batch is dropped, so every image is seen at most once per epoch, all but fewer t
 world_size * batch_size images are seen, and every rank runs the same number of steps. Val
 splits the sorted listing into contiguous, unpadded ranges: each image is counted exactly once.
 
-Honest selection (fixed, seed-independent choices; see datasets.py for the order):
+Which images (fixed, seed-independent choices; see datasets.py for the order):
     holdout=N   split "train" leaves out N fixed training images; split "holdout" reads exactly
                 those N with the val transforms (resize + centre crop), sharded like val.
     subset=N    split "val" or "holdout" reads only its first N images in the fixed order.
