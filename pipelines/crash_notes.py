@@ -37,14 +37,21 @@ def clear_note(note: Path | None) -> None:
         note.unlink(missing_ok=True)
 
 
+def read_note(note: Path, unreadable):
+    """The note's JSON; `unreadable` if it is not valid JSON; None if there is no note."""
+    if not note.is_file():
+        return None
+    try:
+        return json.loads(note.read_text())
+    except ValueError:
+        return unreadable
+
+
 def check_crash_note(note: Path) -> None:
     """Raise DataError naming the bad files if the previous run died while decoding them."""
-    if not note.is_file():
+    files = read_note(note, [])
+    if files is None:
         return
-    try:
-        files = json.loads(note.read_text())
-    except ValueError:
-        files = []
     bad = [p for p in map(check_file, files) if p is not None and p.kind in FATAL]
     if not bad:
         clear_note(note)       # the crash had another cause: nothing to blame on the data
@@ -70,12 +77,9 @@ def record_data_error(note: Path, message: str) -> None:
 
 def check_data_error(note: Path) -> None:
     """Raise the recorded error if an earlier attempt of this same torchrun job stopped on it."""
-    if not note.is_file():
+    recorded = read_note(note, {})
+    if recorded is None:
         return
-    try:
-        recorded = json.loads(note.read_text())
-    except ValueError:
-        recorded = {}
     job = os.environ.get("TORCHELASTIC_RUN_ID")
     if job is None or recorded.get("job") != job:
         clear_note(note)       # a new job: the data may have been fixed since

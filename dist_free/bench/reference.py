@@ -18,7 +18,6 @@ It runs on the CPU here (their code targets CUDA; only the device changes).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -73,16 +72,3 @@ class ReferenceFree:
                 self.global_noise[:b] += self.fgsm_step * torch.sign(noise.grad)
                 self.global_noise.clamp_(-self.eps, self.eps)
             self.optimizer.step()
-
-
-def epoch_rate(step, loader, max_batches: int | None = None) -> dict:
-    """Images/s over one pass of `loader` (up to max_batches), its start-up included: the clock
-    starts when the epoch's iterator is asked for, as a training loop's epoch would."""
-    start, images = time.perf_counter(), 0
-    for i, (x, y) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        step(x, y)
-        images += x.shape[0]
-    seconds = time.perf_counter() - start
-    return {"images_per_s": images / seconds, "images": images, "seconds": seconds}
