@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_free import checkpoint, export, model_card
+from dist_free import atomic, checkpoint, export, model_card
 from dist_free.config import config_from_dict
 from dist_free.models import build_model, from_checkpoint
 
@@ -226,7 +226,7 @@ def test_force_replaces_an_export_and_a_failed_write_leaves_the_old_one(tmp_path
 
     def disk_full(path):
         raise OSError("disk full")
-    monkeypatch.setattr(export, "fsync_path", disk_full)
+    monkeypatch.setattr(atomic, "fsync_path", disk_full)
     with pytest.raises(OSError, match="disk full"):
         model_card.export_checkpoint(ckpt, out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
