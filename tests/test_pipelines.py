@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers_data import (
@@ -13,6 +14,7 @@ from helpers_data import (
     write_coded_split,
     write_textured,
 )
+from PIL import Image
 
 from pipelines import DataError, build_loader, check_dataset, list_split, resolve_kind
 from pipelines.datasets import file_list_path
@@ -115,14 +117,35 @@ def test_batches_have_the_shape_dtype_layout_and_range_asked(coded, kind, dtype,
     assert run.kind == kind
 
 
-def test_train_crops_vary_in_scale_and_flip(tmp_path):
-    write_textured(tmp_path / "train" / "a" / "x.JPEG", 40, 40, seed=0)
-    run = build_loader("dali-cpu", tmp_path, "train", batch_size=1, image_size=16, num_threads=1)
-    crops = []
-    for epoch in range(6):
+@pytest.fixture(scope="module", params=LOADERS)
+def ramp_crops(request, tmp_path_factory) -> list[float]:
+    """Left-to-right brightness change of 32 training crops of an image that brightens from
+    left to right: negative when the crop was flipped, larger in size when it spans more width."""
+    kind, root = request.param, tmp_path_factory.mktemp("ramp")
+    ramp = np.repeat(np.linspace(0, 255, 64, dtype=np.float32)[None, :, None], 64, 0)
+    for i in range(16):
+        path = root / "train" / "a" / f"{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.repeat(ramp, 3, 2).astype(np.uint8)).save(path, quality=95)
+    run = build_loader(kind, root, "train", batch_size=16, image_size=16, num_threads=1)
+    changes = []
+    for epoch in range(2):
         run.set_epoch(epoch)
-        crops += [images[0] for images, _ in run]
-    assert len({round(float(c.mean()), 4) for c in crops}) > 1
+        for images, _ in run:
+            changes += (images[..., -1].mean((1, 2)) - images[..., 0].mean((1, 2))).tolist()
+    assert len(changes) == 32
+    return changes
+
+
+def test_train_crops_are_flipped_at_random(ramp_crops):
+    assert all(abs(c) > 0.05 for c in ramp_crops)     # every crop spans some of the ramp
+    assert any(c < 0 for c in ramp_crops) and any(c > 0 for c in ramp_crops)
+
+
+def test_train_crops_vary_in_scale(ramp_crops):
+    # A crop spanning a wider part of the ramp sees a larger change across it.
+    spans = sorted(abs(c) for c in ramp_crops)
+    assert spans[-1] > 1.5 * spans[0]
 
 
 def test_dali_cpu_and_torchvision_agree_on_the_val_pipeline(tmp_path):
