@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from dist_free.config import flatten
 from dist_free.tracking import NullTracker, Tracker, build_tracker, environment_tags
 from dist_free.tracking.__main__ import main
+from dist_free.tracking.journal import WAL_DIR
 from dist_free.tracking.staging import STAGING_DIR
-from dist_free.tracking.wal import WAL_DIR
 
 CONFIG = {"model": {"arch": "resnet50", "eps": 4 / 255},
           "train": {"replays": 4, "lr": {"peak": 0.1, "milestones": [30, 60]}},

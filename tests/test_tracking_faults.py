@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-import dist_free.tracking.replay as replay_module
 import dist_free.tracking.tracker as tracker_module
+import dist_free.tracking.uploader as uploader_module
 from dist_free.tracking import NullTracker, Tracker, TrackingConfigError, build_tracker, check_uri
 from dist_free.tracking.__main__ import main
+from dist_free.tracking.journal import BUDGET_ENV, WAL_DIR
 from dist_free.tracking.staging import STAGING_DIR
-from dist_free.tracking.wal import BUDGET_ENV, WAL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,11 +144,12 @@ GATED_CHILD = """
 import json, sys, time
 from pathlib import Path
 import dist_free.tracking.tracker as T
+import dist_free.tracking.uploader as U
 from dist_free.tracking import build_tracker
 
 uri, run_dir, artifacts = sys.argv[1:4]
 gate = {"allow": 0, "calls": 0, "sent": []}
-real_send = T.send_batch
+real_send = U.send_batch
 
 def gated(client, target, items, run_dir):
     gate["calls"] += 1
@@ -158,7 +159,7 @@ def gated(client, target, items, run_dir):
     gate["allow"] -= 1
     gate["sent"] += [r[3] for i in items if i["kind"] == "metrics" for r in i["metrics"]]
 
-T.send_batch, T.MAX_BACKOFF_S = gated, 0.2
+U.send_batch, T.MAX_BACKOFF_S = gated, 0.2
 tracker = build_tracker(enabled=True, uri=uri, experiment="restart", run_name="g",
                         run_dir=Path(run_dir), rank=0, system_metrics=False,
                         artifact_location=artifacts, memory_items=20)
@@ -202,8 +203,7 @@ def test_the_next_start_sends_what_a_killed_session_left_and_nothing_it_had_deli
     assert 0 < len(first["sent"]) < 200  # killed mid-way through the backlog
 
     sent: list[int] = []
-    counting(monkeypatch, replay_module, sent)
-    counting(monkeypatch, tracker_module, sent)
+    counting(monkeypatch, uploader_module, sent)  # the live uploader and replay alike
     tracker = tracker_for(store[0], run_dir, "restart", store[1], run_id=first["run_id"])
     assert tracker.logged_through("loss") == 199  # in the old WAL: a resume must not log it again
     for step in range(200, 210):
@@ -222,25 +222,26 @@ def test_a_resumed_run_is_not_ended_by_the_status_an_earlier_session_left_in_its
         tmp_path, store, monkeypatch):
     blocked = threading.Event()
     blocked.set()
-    real = tracker_module.send_batch
+    real = uploader_module.send_batch
 
     def send_batch(client, target, items, run_dir):
         if blocked.is_set():
             raise ConnectionError("the server is down")
         real(client, target, items, run_dir)
-    monkeypatch.setattr(tracker_module, "send_batch", send_batch)
+    monkeypatch.setattr(uploader_module, "send_batch", send_batch)
     first = tracker_for(store[0], tmp_path, "resumed-killed", store[1])
     first.log_metrics({"loss": 0.0}, step=0)
     first.close(status="KILLED", timeout=0.5)  # SIGTERM during an outage: KILLED is in the WAL
     assert wal_items(tmp_path)[-1]["status"] == "KILLED"
     blocked.clear()
 
+    (first_log,) = wal_logs(tmp_path)
     second = tracker_for(store[0], tmp_path, "resumed-killed", store[1], run_id=first.run_id)
     deadline = time.monotonic() + 30
-    while wal_logs(tmp_path) and time.monotonic() < deadline:  # the first session's log goes
+    while first_log.exists() and time.monotonic() < deadline:  # the first session's log goes
         time.sleep(0.05)
     client = MlflowClient(store[0])
-    assert not wal_logs(tmp_path) and history(client, first.run_id) == [0]
+    assert not first_log.exists() and history(client, first.run_id) == [0]
     assert client.get_run(first.run_id).info.status == "RUNNING"  # still training
     second.close()
     assert client.get_run(first.run_id).info.status == "FINISHED"
@@ -326,14 +327,14 @@ def test_memory_holds_at_most_n_items_and_the_rest_comes_back_from_the_wal_in_or
         tmp_path, store, monkeypatch):
     blocked, order = threading.Event(), []
     blocked.set()
-    real = tracker_module.send_batch
+    real = uploader_module.send_batch
 
     def send_batch(client, target, items, run_dir):
         if blocked.is_set():
             raise ConnectionError("the server is down")
         real(client, target, items, run_dir)
         order.extend(row[3] for i in items if i["kind"] == "metrics" for row in i["metrics"])
-    monkeypatch.setattr(tracker_module, "send_batch", send_batch)
+    monkeypatch.setattr(uploader_module, "send_batch", send_batch)
     monkeypatch.setattr(tracker_module, "MAX_BACKOFF_S", 0.3)
     tracker = tracker_for(store[0], tmp_path, "bounded", store[1], memory_items=25)
     most = 0
@@ -368,6 +369,27 @@ def test_past_the_disk_budget_items_are_counted_and_the_loss_reported(
     lost = int(re.search(r"(\d+) MLflow items were LOST", caplog.text).group(1))
     assert len(wal_items(tmp_path)) + lost == 301  # 300 metrics and the end status
     assert logged_steps(wal_items(tmp_path)) == list(range(len(wal_items(tmp_path))))
+
+
+def test_a_delivered_journal_is_cut_back_so_the_budget_bounds_only_the_backlog(
+        tmp_path, store, monkeypatch):
+    monkeypatch.setenv(BUDGET_ENV, "4K")  # 300 metric lines need about 20K
+    sent: list[int] = []
+    counting(monkeypatch, uploader_module, sent)
+    tracker = tracker_for(store[0], tmp_path, "reset", store[1])
+    for chunk in range(15):
+        for step in range(chunk * 20, chunk * 20 + 20):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        deadline = time.monotonic() + 30  # delivered, and room made for the next chunk
+        while (tracker.backlog()["unsent"] or tracker.backlog()["wal_bytes"] > 2048) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert tracker.backlog()["wal_bytes"] <= 2048
+    assert tracker.backlog()["lost"] == 0
+    tracker.close()
+    assert sent == list(range(300))  # in order, each once, across the cuts
+    assert sorted(history(MlflowClient(store[0]), tracker.run_id)) == list(range(300))
+    assert not wal_logs(tmp_path)
 
 
 @pytest.mark.parametrize("value", ["lots", "0", "-5", "12T"])

@@ -9,7 +9,7 @@ from helpers_mlflow import server_processes, stop
 from mlflow import MlflowClient
 
 from dist_free.tracking import build_tracker
-from dist_free.tracking.wal import WAL_DIR
+from dist_free.tracking.journal import WAL_DIR
 
 KEYS = ("train/loss", "train/adv_acc", "lr")
 

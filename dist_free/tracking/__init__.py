@@ -3,13 +3,14 @@
     tracker = build_tracker(enabled=True, uri=None, experiment="dist-free", run_name="r50",
                             run_dir=Path("runs/r50"), rank=rank, run_id=ckpt.get("mlflow_run_id"))
     tracker.log_params(flatten(config)); tracker.set_tags(environment_tags(world_size))
-    tracker.log_metrics({"train/loss": 2.3}, step=global_step)   # enqueues, returns at once
+    tracker.log_metrics({"train/loss": 2.3}, step=global_step)   # one append, returns at once
     tracker.log_artifacts(export_dir, "model")
     tracker.close()            # FINISHED; close(status="FAILED") on a crash;
                                # stop_soon() then close(status="KILLED") on SIGTERM/SIGINT
 
-Modules: tracker (the queue, its threads, outage handling), wal (the write-ahead log: design,
-files, bounds), replay (sending earlier sessions' logs), sender (the MLflow calls), staging
+Modules: tracker (the log calls, the uploader thread, outage handling), journal (the on-disk
+journal every item goes through first: files, bounds, what a kill -9 can lose), uploader
+(following a journal by acknowledged offset; `replay`), sender (the MLflow calls), staging
 (artifacts frozen at log time), uri (URI resolution, no credentials), system_metrics (CPU/GPU
 sampling), tags (environment tags); `python -m dist_free.tracking replay RUN_DIR` is __main__.
 """

@@ -11,9 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_free.tracking.replay import replay
+from dist_free.tracking.journal import WAL_DIR
+from dist_free.tracking.uploader import replay
 from dist_free.tracking.uri import TrackingConfigError
-from dist_free.tracking.wal import WAL_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def report(results) -> int:
     for r in results:
         if r.problems:
             print(f"{r.path}: skipped {len(r.problems)} torn or garbled line(s): "
-                  + "; ".join(str(p.lineno) + " " + p.reason for p in r.problems[:5]),
+                  + "; ".join(r.problems[:5]),
                   file=sys.stderr)
         if r.busy:
             print(f"{r.path}: in use by a running tracker or replay; not touched", file=sys.stderr)

@@ -1,7 +1,7 @@
-"""The MLflow calls behind dist_free.tracking: open or create a run, send one queued item.
+"""The MLflow calls behind dist_free.tracking: open or create a run, send one batch of items.
 
-Shared by the tracker's background thread and by `python -m dist_free.tracking replay`, so a
-replayed item goes through exactly the code a live one does. Items are plain JSON-ready dicts,
+Called only by the uploader, live or replaying, so a replayed item goes through exactly the
+code a live one does. Items are plain JSON-ready dicts,
 tagged by "kind": metrics, params, tags, artifact, end. Nothing is ever unpickled: models are
 logged as folders of files (weights, model card) like any other artifact.
 """
@@ -100,32 +100,21 @@ def _experiment_id(client: MlflowClient, target: RunTarget) -> str:
 
 class Batch:
     """Consecutive items one request can carry: a run of metrics items holding at most
-    METRICS_PER_BATCH rows, or any other single item. Counting as it goes keeps it linear."""
+    METRICS_PER_BATCH rows (and `max_items` items), or any other single item."""
 
-    def __init__(self):
-        self.items: list[tuple[int, dict]] = []
-        self._rows = 0  # 0 after a non-metrics item: nothing may join it
+    def __init__(self, max_items: int = METRICS_PER_BATCH):
+        self.items: list[dict] = []
+        self._rows, self._max = 0, max_items  # rows 0 after a non-metrics item: nothing may join
 
-    def add(self, seq: int, item: dict) -> bool:
-        """Add (seq, item) if it fits; False, adding nothing, if it does not."""
+    def add(self, item: dict) -> bool:
+        """Add `item` if it fits; False, adding nothing, if it does not."""
         rows = len(item["metrics"]) if item["kind"] == "metrics" else 0
-        if self.items and not (rows and self._rows and self._rows + rows <= METRICS_PER_BATCH):
+        if self.items and not (rows and self._rows and self._rows + rows <= METRICS_PER_BATCH
+                               and len(self.items) < self._max):
             return False
-        self.items.append((seq, item))
+        self.items.append(item)
         self._rows += rows
         return True
-
-
-def batches(items):
-    """Group an iterable of (seq, item) into lists that `send_batch` sends as one request."""
-    batch = Batch()
-    for seq, item in items:
-        if not batch.add(seq, item):
-            yield batch.items
-            batch = Batch()
-            batch.add(seq, item)
-    if batch.items:
-        yield batch.items
 
 
 def send_batch(client: MlflowClient, target: RunTarget, items: list[dict],
