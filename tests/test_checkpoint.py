@@ -14,15 +14,19 @@ def state(value=1.0):
     return {"model": {"w": torch.full((3,), value)}, "epoch": 2, "config": {"run": {"name": "x"}}}
 
 
-def test_round_trip_and_latest(tmp_path):
-    assert checkpoint.latest(tmp_path) is None
+def test_a_saved_checkpoint_loads_back_equal(tmp_path):
     path = checkpoint.save_atomic(state(), checkpoint.checkpoint_dir(tmp_path) / "last.pt")
-    assert checkpoint.latest(tmp_path) == path
     loaded = checkpoint.load(path)
     assert torch.equal(loaded["model"]["w"], torch.ones(3)) and loaded["epoch"] == 2
 
 
-def test_a_full_disk_is_named_and_leaves_the_previous_checkpoint_intact(tmp_path):
+def test_latest_is_the_runs_last_pt_once_there_is_one(tmp_path):
+    assert checkpoint.latest(tmp_path) is None
+    path = checkpoint.save_atomic(state(), checkpoint.checkpoint_dir(tmp_path) / "last.pt")
+    assert checkpoint.latest(tmp_path) == path
+
+
+def test_a_write_that_fills_the_disk_keeps_the_previous_checkpoint_and_names_the_cause(tmp_path):
     path = checkpoint.save_atomic(state(1.0), tmp_path / "last.pt")
 
     def full_disk(obj, f):
@@ -47,7 +51,7 @@ def test_an_atomic_copy_that_fails_leaves_the_target_as_it_was(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
 
 
-def test_truncated_and_foreign_files_are_named_in_the_error(tmp_path):
+def test_unreadable_checkpoint_files_are_named_in_the_error(tmp_path):
     path = checkpoint.save_atomic(state(), tmp_path / "last.pt")
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint .*last.pt"):

@@ -10,13 +10,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-def test_defaults_and_overrides():
+def test_overrides_are_parsed_to_the_fields_types():
     cfg = load_config(None, ["method.eps=2/255", "optim.milestones=[10,20]", "data.root=/data",
                              "model.channels_last=false", "eval.step_size=null"])
     assert cfg.method.eps == pytest.approx(2 / 255)
     assert cfg.optim.milestones == (10, 20)
     assert cfg.data.root == "/data" and cfg.model.channels_last is False
+    assert cfg.eval.step_size is None
+
+
+def test_defaults_need_no_file():
     assert Config().run.dir == "runs" and Config().tracking.experiment == "dist-free"
+    assert load_config(None, []) == Config()
 
 
 def test_epochs_are_divided_by_replays_for_free_training_only():
@@ -80,7 +85,7 @@ def test_paper_imagenet_presets():
         assert cfg.real_epochs == 23      # 90 natural epochs / m=4, rounded up (the paper's 23)
 
 
-def test_config_choices_are_the_loader_kinds_and_the_method_registry():
+def test_config_choices_mirror_the_loader_kinds_with_the_method_registry():
     import typing
 
     import pipelines
@@ -100,6 +105,6 @@ def test_method_fused_is_a_bool_or_auto(value, expected):
     assert load_config(None, [f"method.fused={value}"]).method.fused == expected
 
 
-def test_a_choice_outside_its_literal_names_the_key_and_the_choices():
+def test_a_choice_outside_its_literal_is_refused_naming_key_with_choices():
     with pytest.raises(ConfigError, match=r"run\.amp: 'fp8' is not one of \['auto', 'bf16'"):
         load_config(None, ["run.amp=fp8"])

@@ -22,7 +22,7 @@ def test_every_method_trains_through_one_interface(name, options):
     assert trainer.name == name and METHODS[name] is type(trainer)
 
 
-def test_registry_refuses_unknown_names_and_options():
+def test_registry_refuses_unknown_names_or_options():
     model = tiny_net()
     with pytest.raises(ValueError, match="unknown method 'fre'"):
         build_method("fre", model, sgd(model))
@@ -34,7 +34,7 @@ def test_registry_refuses_unknown_names_and_options():
 
 
 @pytest.mark.parametrize("cls, per_step_passes", [(PGDTrainer, 3 + 1), (FastFGSMTrainer, 2)])
-def test_attack_trainers_run_k_plus_one_passes_and_stay_in_the_ball(cls, per_step_passes):
+def test_attack_trainers_train_on_their_k_step_attack_inside_the_ball(cls, per_step_passes):
     model = tiny_net()
     inputs = []
     model.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))

@@ -32,9 +32,12 @@ def test_paper_cifar_wide_resnet_has_the_published_size():
     assert 45e6 < params < 48e6
 
 
-def test_channels_last_and_unknown_names():
+def test_channels_last_models_hold_channels_last_weights():
     model = build_model("resnet18", 10, channels_last=True)
     assert model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unknown_model_names_are_refused():
     with pytest.raises(ValueError, match="unknown model 'resnet5'"):
         build_model("resnet5", 10)
     assert {"resnet50", "preact_resnet18", "wrn32_10"} <= set(available_models())

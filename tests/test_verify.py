@@ -45,7 +45,7 @@ def test_clean_dataset_has_no_problems(clean):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_each_kind_of_bad_file_is_found_and_nothing_else(clean, workers):
+def test_verify_finds_exactly_the_bad_files(clean, workers):
     bad = make_bad_files(clean)
     found = {(p.kind, p.path) for p in scan(clean, workers=workers)}
     assert found == {(kind, path) for kind, path in bad.items()}
@@ -57,7 +57,7 @@ def test_a_jpeg_missing_only_its_end_marker_counts_as_truncated(clean):
     assert [(p.kind, p.path) for p in scan(clean, workers=1)] == [(v.TRUNCATED, path)]
 
 
-def test_verify_cli_lists_files_and_exits_non_zero(clean, capsys):
+def test_verify_cli_exits_1_listing_each_bad_file(clean, capsys):
     bad = make_bad_files(clean)
     assert main(["verify", str(clean), "--split", "train", "--workers", "1"]) == 1
     out = capsys.readouterr().out
@@ -171,7 +171,7 @@ def test_a_huge_file_failing_its_header_check_is_not_read(tmp_path, monkeypatch)
     assert CountingFile.read_bytes < 1024  # the markers up to the frame header
 
 
-def test_verify_cli_names_a_bomb_and_its_claim(clean, capsys):
+def test_verify_cli_names_a_bomb_with_the_size_it_claims(clean, capsys):
     path = clean / "val" / "class0" / "bomb.JPEG"
     path.write_bytes(jpeg_claiming(60000, 60000))
     assert main(["verify", str(clean), "--workers", "2"]) == 1
