@@ -62,7 +62,6 @@ def test_an_evaluation_cut_short_by_a_stop_is_redone_by_the_restart(demo_root, t
 
 def test_a_sigterm_during_a_checkpoint_write_finishes_the_write_then_stops(demo_root, tmp_path):
     cmd = [sys.executable, PROBE, *demo_args(demo_root, tmp_path, "optim.epochs=8")]
-    started = time.monotonic()
     proc = run_cmd(cmd, tmp_path, env={"PROBE_SIGTERM_IN_WRITE": "1"})
     assert_ok(proc)
     saved = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
@@ -70,7 +69,7 @@ def test_a_sigterm_during_a_checkpoint_write_finishes_the_write_then_stops(demo_
     # log window of epoch 2 (log_every=5), saved mid-epoch.
     assert saved["epoch"] == 1 and 1 <= saved["batch_in_epoch"] <= 5
     assert not list((tmp_path / "demo" / "checkpoints").glob(".*tmp"))
-    assert time.monotonic() - started < 120
+    assert not (tmp_path / "rank0.pt").exists()      # it stopped: the probe writes it at the end
 
 
 def test_a_sigterm_during_a_tracking_outage_stops_within_the_grace_losing_no_metric(demo_root, tmp_path):

@@ -3,11 +3,10 @@
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers_launch import PROBE, QUICK, ROOT, assert_ok, probe_env
+from helpers_launch import PROBE, QUICK, ROOT, assert_ok, probe_env, wait_for_file
 from mlflow import MlflowClient
 
 from dist_free import checkpoint
@@ -76,13 +75,11 @@ def test_a_killed_and_resumed_run_continues_the_same_mlflow_run_without_duplicat
         demo_root, tmp_path):
     cmd = train_cmd(demo_root, tmp_path, "optim.epochs=16", "run.log_every=2")
     last = tmp_path / "demo" / "checkpoints" / "last.pt"
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=probe_env(tmp_path),
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=probe_env(tmp_path, PROBE_MARK_AFTER_SAVE="5"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while not last.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(1.5)          # let it log a few steps past the checkpoint, then kill it
+        # Killed 5 steps past the epoch-1 checkpoint: steps logged that the restart re-runs.
+        wait_for_file(tmp_path / "after_save", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -111,14 +108,12 @@ def test_a_demo_run_over_http_survives_the_server_going_down_mid_run(demo_root, 
     last = tmp_path / "demo" / "checkpoints" / "last.pt"
     with server_processes(tmp_path, port) as start:
         server = start()
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=probe_env(tmp_path),
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=probe_env(tmp_path, PROBE_MARK_AFTER_SAVE="6"),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.time() + 240
-            while not last.exists() and time.time() < deadline and proc.poll() is None:
-                time.sleep(0.05)
+            wait_for_file(last, proc)
             stop(server)                       # mid-run: epoch 2 of 3 is being trained
-            time.sleep(4)
+            wait_for_file(tmp_path / "after_save", proc)   # 3 log windows into the outage
             start()
             out, _ = proc.communicate(timeout=300)
         finally:

@@ -6,6 +6,8 @@ PROBE_DIE_AFTER_EPOCH=k: rank 1 of the first torchrun attempt dies (os._exit) af
 epoch checkpoint, as a killed worker would.
 PROBE_SIGTERM_IN_WRITE=1: the process sends itself SIGTERM as its first checkpoint write begins.
 PROBE_MARK_AT_STEP=n: a fresh (not resumed) process creates dir/step<n> after its n-th step.
+PROBE_MARK_AFTER_SAVE=n: a fresh process creates dir/after_save after its n-th step past its first
+checkpoint.
 PROBE_SIGTERM_AT_STEP=n: a fresh (not resumed) process sends itself SIGTERM after its n-th step.
 PROBE_COLLAPSE_FROM_EPOCH=k: the collapse probes (which still run) read robust accuracy 0.5 before
 real epoch k and 0 from it on; the weights at the first 0 go to dir/collapsed_rank<R>.pt.
@@ -29,6 +31,7 @@ OUT = Path(os.environ["PROBE_OUT"])
 class Probe(Hooks):
     resumed = False
     steps_run = 0
+    first_save_at = None
 
     def after_finish(self, run):
         torch.save({"model": run.model.state_dict(), "epoch": run.epoch,
@@ -47,6 +50,8 @@ class Probe(Hooks):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def after_save(self, run):
+        if self.first_save_at is None:
+            self.first_save_at = self.steps_run
         die_after = os.environ.get("PROBE_DIE_AFTER_EPOCH")
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if die_after and first_attempt and run.d.rank == 1 and run.epoch >= int(die_after):
@@ -58,6 +63,10 @@ class Probe(Hooks):
             return
         if os.environ.get("PROBE_MARK_AT_STEP") == str(self.steps_run):
             (OUT / f"step{self.steps_run}").touch()
+        after = os.environ.get("PROBE_MARK_AFTER_SAVE")
+        if after and self.first_save_at is not None \
+                and self.steps_run == self.first_save_at + int(after):
+            (OUT / "after_save").touch()
         if os.environ.get("PROBE_SIGTERM_AT_STEP") == str(self.steps_run):
             os.kill(os.getpid(), signal.SIGTERM)
 
