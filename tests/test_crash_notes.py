@@ -23,7 +23,7 @@ def test_a_note_left_by_a_crash_names_the_damaged_file(demo_root, tmp_path):
     assert not note.exists()
 
 
-def test_the_loader_notes_its_prefetch_window_and_clears_it_after_the_epoch(demo_root, tmp_path):
+def test_the_loaders_note_lists_its_prefetch_window_until_the_epoch_ends(demo_root, tmp_path):
     note = tmp_path / "notes" / "note.json"
     loader = build_loader("dali-cpu", demo_root, "train", batch_size=64, image_size=32,
                           val_resize=36, min_area=0.35, crash_note=note)

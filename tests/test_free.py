@@ -42,7 +42,7 @@ def test_matches_plain_restatement_of_the_paper_loop():
     assert (trainer.perturbation != 0).float().mean() > 0.5
 
 
-def test_perturbation_starts_at_zero_and_carries_over_between_minibatches():
+def test_perturbation_starts_at_zero_then_carries_over_between_minibatches():
     eps = 4 / 255
     model = tiny_net()
     t = FreeAdversarialTrainer(model, sgd(model), eps=eps, replays=1, step_size=eps / 2,
@@ -150,7 +150,7 @@ def test_fp16_overflow_moves_neither_weights_nor_perturbation():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mixed_precision_replays_feed_fp32_inputs_and_compute_in_the_activation_dtype(dtype):
+def test_mixed_precision_replays_feed_fp32_inputs_computing_in_the_activation_dtype(dtype):
     model = tiny_net()
     seen, conv_out = [], []
     model.normalize.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))

@@ -51,7 +51,7 @@ def rank_epochs(kind, root, split, world_size, epoch=0, seed=0):
 
 @pytest.mark.parametrize("kind", LOADERS)
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_train_shards_are_disjoint_equal_and_drop_only_the_last_global_batch(coded, kind,
+def test_train_shards_are_disjoint_equal_dropping_only_the_last_global_batch(coded, kind,
                                                                              world_size):
     root, train, _ = coded
     runs = rank_epochs(kind, root, "train", world_size, epoch=1)
@@ -86,7 +86,7 @@ def test_every_image_is_trained_on_across_a_few_epochs(coded):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-def test_seed_and_epoch_make_order_and_augmentation_repeatable(coded, kind):
+def test_the_same_seed_with_epoch_repeats_order_with_augmentation(coded, kind):
     root = coded[0]
 
     def epoch_batches(seed, epoch):
@@ -106,7 +106,7 @@ def test_seed_and_epoch_make_order_and_augmentation_repeatable(coded, kind):
 @pytest.mark.parametrize("kind", LOADERS + ["synthetic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_batches_have_the_shape_dtype_layout_and_range_asked(coded, kind, dtype, channels_last):
+def test_batches_have_the_shape_dtype_layout_range_asked(coded, kind, dtype, channels_last):
     run = loader(kind, coded[0], "train", dtype=dtype, channels_last=channels_last, image_size=12)
     images, labels = next(iter(run))
     assert images.shape == (BATCH, 3, 12, 12) and images.dtype == dtype
@@ -148,7 +148,7 @@ def test_train_crops_vary_in_scale(ramp_crops):
     assert spans[-1] > 1.5 * spans[0]
 
 
-def test_dali_cpu_and_torchvision_agree_on_the_val_pipeline(tmp_path):
+def test_dali_cpu_agrees_with_torchvision_on_the_val_pipeline(tmp_path):
     sizes = [(61, 45), (45, 70), (50, 50), (77, 39), (36, 80)]  # odd margins test rounding
     for i, (w, h) in enumerate(sizes):
         write_textured(tmp_path / "val" / f"c{i % 2}" / f"{i}.JPEG", w, h, seed=i)
@@ -179,7 +179,7 @@ def test_a_training_set_smaller_than_one_global_batch_is_refused(coded):
         loader("dali-cpu", coded[0], "train", batch_size=16, world_size=3)
 
 
-def test_class_map_is_sorted_folder_names_shared_by_train_and_val(tmp_path):
+def test_class_map_is_sorted_folder_names_shared_by_every_split(tmp_path):
     write_coded_split(tmp_path, "train", [2, 2, 2], classes=["n02", "n10", "n01"])
     write_coded_split(tmp_path, "val", [1, 1, 1], classes=["n02", "n10", "n01"])
     expected = {"n01": 0, "n02": 1, "n10": 2}
@@ -272,7 +272,7 @@ def test_a_file_list_entry_outside_the_root_is_refused_naming_the_line(listed, e
         f"root {root}")
 
 
-def test_a_file_list_may_use_symlinks_inside_the_root_and_a_symlinked_root(listed, tmp_path):
+def test_a_file_list_may_use_symlinks_inside_the_root_or_a_symlinked_root(listed, tmp_path):
     root, inside, _ = listed
     (root / "val" / "link.JPEG").symlink_to(root / inside)
     (root / "val" / "up").symlink_to(root / "train")
@@ -311,7 +311,7 @@ def test_a_file_list_that_is_not_text_is_refused(listed):
         list_split(root, "val")
 
 
-def test_synthetic_source_has_the_real_epoch_length_and_no_dataset_needed(coded):
+def test_synthetic_source_has_the_real_epoch_length_without_a_dataset(coded):
     real = loader("dali-cpu", coded[0], "train", world_size=2)
     fake = loader("synthetic", coded[0], "train", world_size=2)
     assert len(fake) == len(real) and fake.num_samples == real.num_samples

@@ -47,7 +47,7 @@ def ids_over_ranks(root, split, world_size, **kwargs):
     return runs
 
 
-def test_holdout_is_fixed_exact_and_disjoint_from_train(coded):
+def test_holdout_is_a_fixed_exact_set_disjoint_from_train(coded):
     root, train, _ = coded
     held = set(expected_order(train)[:HOLDOUT])
     for seed, world_size in [(0, 1), (5, 2), (9, 3)]:
