@@ -26,7 +26,7 @@ def test_latest_is_the_runs_last_pt_once_there_is_one(tmp_path):
     assert checkpoint.latest(tmp_path) == path
 
 
-def test_a_write_that_fills_the_disk_keeps_the_previous_checkpoint_and_names_the_cause(tmp_path):
+def test_a_write_that_fills_the_disk_names_the_cause_keeping_the_previous_checkpoint(tmp_path):
     path = checkpoint.save_atomic(state(1.0), tmp_path / "last.pt")
 
     def full_disk(obj, f):

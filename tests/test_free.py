@@ -210,7 +210,7 @@ def test_fused_trainer_equals_eager_trainer():
         assert torch.equal(s0[k], s1[k]), k
 
 
-def test_channels_last_batches_get_channels_last_buffers_and_the_same_result():
+def test_channels_last_batches_get_channels_last_buffers_giving_the_same_result():
     results = []
     for channels_last in (False, True):
         model = tiny_net()

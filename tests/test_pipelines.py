@@ -202,7 +202,7 @@ def test_startup_checks_fail_fast_with_clear_messages(coded, tmp_path):
                   class_to_idx={"class0": 0, "class1": 1, "class2": 2}).num_samples > 0
 
 
-def test_loader_kind_is_resolved_and_checked():
+def test_loader_kind_is_resolved_or_refused():
     assert resolve_kind("auto", torch.device("cpu")) == "dali-cpu"
     with pytest.raises(DataError, match="decodes on a GPU"):
         resolve_kind("dali-gpu", torch.device("cpu"))

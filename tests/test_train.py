@@ -41,7 +41,7 @@ def test_two_ranks_train_identical_weights_with_their_own_perturbations(demo_roo
     assert report["samples"] > 0 and (report["pgd_steps"], report["pgd_restarts"]) == (2, 1)
 
 
-def test_two_nodes_rendezvous_over_c10d_and_train_together(demo_root, tmp_path):
+def test_two_nodes_train_together_after_a_c10d_rendezvous(demo_root, tmp_path):
     port = free_port()
     node = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                     f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", PROBE,
@@ -104,7 +104,7 @@ def test_a_sigterm_mid_epoch_resumes_at_the_batch_it_saved(demo_root, tmp_path):
     assert done["steps_run"] == 2 * done["steps_per_epoch"] - 10
 
 
-def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(demo_root, tmp_path):
+def test_a_worker_killed_under_torchrun_is_restarted_resuming_the_run(demo_root, tmp_path):
     proc = run_cmd(torchrun("--nproc_per_node=2", "--standalone", "--max-restarts=1", PROBE,
                             *demo_args(demo_root, tmp_path, "optim.epochs=8")),
                    tmp_path, env={"PROBE_DIE_AFTER_EPOCH": "1"})
