@@ -71,7 +71,7 @@ def assert_exported_model_matches(client, run_id, run_dir, download_to):
     assert torch.equal(model(x), reference.eval()(x))
 
 
-def test_a_killed_and_resumed_run_continues_the_same_mlflow_run_without_duplicate_steps(
+def test_a_run_resumed_after_kill_9_continues_its_mlflow_run_without_duplicate_steps(
         demo_root, tmp_path):
     cmd = train_cmd(demo_root, tmp_path, "optim.epochs=16", "run.log_every=2")
     last = tmp_path / "demo" / "checkpoints" / "last.pt"
