@@ -272,11 +272,17 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/<device>.json)")
     p.add_argument("--results-md", type=Path, help="refresh this device's table in this file")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="check and measure every GPU path instead (dist_free.bench.gpu_check)")
+    p.add_argument("--only", help="with --gpu-check: comma list of checks to run")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.gpu_check:
+        from dist_free.bench import gpu_check
+        return gpu_check.main(a.device, a.out, a.only)
     cfg = build_config(a)
     result = run_suite(cfg)
     table = format_table(result)

@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow import MlflowClient
+if TYPE_CHECKING:   # MLflow is imported where it is used: a run with tracking off never loads it
+    from mlflow import MlflowClient
 
 from dist_free.tracking.sender import RunTarget, batches, is_permanent, open_run, send_batch
 from dist_free.tracking.staging import remove_session
@@ -97,6 +99,7 @@ def _replay_locked(paths: WalPaths, run_dir: Path, uri: str | None, live_run_id:
     ack = read_ack(paths.ack)
     header = header_of(paths.log, result.problems)
     target = _target(header, uri, ack)
+    from mlflow import MlflowClient
     client = MlflowClient(target.uri)
     try:
         _retrying(lambda: open_run(client, target), retries)
