@@ -667,6 +667,10 @@ def run_one(fn: Callable, needs_workdir: bool, s: Sizes, device, work: Path) -> 
         r = Result("FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
                    {"traceback": traceback.format_exc()[-3000:]})
     finally:
+        # Each check starts from a fresh compiler state, as a training process does: one process
+        # compiling the update for every dtype, layout and shape here would hit dynamo's
+        # recompile limit, which a trainer (one batch shape, one smaller last batch) never nears.
+        torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
