@@ -252,23 +252,27 @@ def check_bf16_autocast_step(s: Sizes, device) -> Result:
 
 
 def check_channels_last(s: Sizes, device) -> Result:
-    """The same training in NCHW and NHWC agrees (fp32, TF32 off); the buffer follows the layout."""
+    """One free replay in NCHW and in NHWC agrees to rounding (fp32, TF32 off), and the buffer
+    follows the batch's layout. One replay, not several: the two layouts run different
+    convolution kernels, and the sign step turns their last-bit differences into whole-eps
+    differences of delta within a few replays (seen on an H200: 1e-7 after one replay, 9e-2
+    after six, the eager and fused updates alike), which says nothing about either layout."""
     eps = 8 / 255
     with Deterministic():
         runs = {}
         for cl in (False, True):
             model, batches = small_setup(s, device, channels_last=cl)
-            t = FreeAdversarialTrainer(model, sgd(model), eps=eps, replays=2)
-            for x, y in batches:
-                t.train_step(x, y)
+            t = FreeAdversarialTrainer(model, sgd(model), eps=eps, replays=1)
+            t.train_step(*batches[0])
             runs[cl] = (model, t.perturbation)
     w_diff = param_diff(runs[False][0], runs[True][0])
     mismatch = float((runs[False][1] != runs[True][1]).float().mean())
     nhwc = runs[True][1].is_contiguous(memory_format=torch.channels_last)
-    ok = w_diff <= 1e-3 and mismatch <= 0.02 and nhwc
-    return verdict(ok, f"NCHW vs NHWC weights max diff {w_diff:.1e}, delta sign flips {mismatch:.1e}, "
-                       f"buffer channels_last={nhwc}", weight_max_diff=w_diff,
-                   delta_mismatch_fraction=mismatch, buffer_channels_last=nhwc)
+    ok = w_diff <= 1e-5 and mismatch <= 1e-3 and nhwc
+    return verdict(ok, f"one replay NCHW vs NHWC: weights max diff {w_diff:.1e}, delta differs at "
+                       f"{mismatch:.1e} of elements, buffer channels_last={nhwc}",
+                   weight_max_diff=w_diff, delta_mismatch_fraction=mismatch,
+                   buffer_channels_last=nhwc)
 
 
 def free_port() -> int:
