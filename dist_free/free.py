@@ -60,10 +60,12 @@ def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
     non-finite flag; where it is > 0 the step is skipped, like the optimizer's (None: no scaler,
     nothing to skip). next_input: overwrite x_adv with the next replay's input clamp(x + delta, 0, 1)
     (one tensor read and written in place: the compiled kernel would pay for an aliased output).
-    `work`: reused scratch (eager); None allocates it, which under torch.compile costs nothing
-    (the fused kernel keeps it in registers).
+    `work`: reused scratch (eager, nothing allocated); None computes the same operations as
+    expressions, which under torch.compile cost nothing (the fused kernel keeps them in registers).
     """
-    pre, inside, step = work if work is not None else UpdateWork.like(delta)
+    if work is None:
+        return _free_update_expr(x, delta, grad, found_inf, eps, step_size, x_adv, next_input)
+    pre, inside, step = work
     torch.add(x, delta, out=pre)
     torch.eq(x_adv, pre, out=inside)
     if grad.dtype == step.dtype:
@@ -76,6 +78,19 @@ def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
     delta.addcmul_(step, inside, value=step_size).clamp_(-eps, eps)
     if next_input:
         torch.add(x, delta, out=x_adv).clamp_(0.0, 1.0)
+
+
+def _free_update_expr(x, delta, grad, found_inf, eps: float, step_size: float, x_adv,
+                      next_input: bool) -> None:
+    """`free_update` without scratch: the same operations as expressions, for torch.compile to fuse
+    (its graphs refuse `out=` into non-contiguous tensors, and channels_last batches are that)."""
+    inside = torch.eq(x_adv, x + delta).float()
+    step = grad.float().sign()
+    if found_inf is not None:
+        step = step.masked_fill(found_inf > 0, 0.0)
+    delta.addcmul_(step, inside, value=step_size).clamp_(-eps, eps)
+    if next_input:
+        x_adv.copy_((x + delta).clamp(0.0, 1.0))
 
 
 @functools.cache

@@ -93,11 +93,15 @@ def quick_defaults() -> dict:
                 eval=dict(DEMO_EVAL, batch=4, aa_batch_never=2, pgd_steps=2, rounds=1))
 
 
+class BenchOptionError(ValueError):
+    """A command-line option the bench cannot use: a message and exit status 2."""
+
+
 def resolve_device(name: str) -> torch.device:
     try:
         return environment.resolve_device(name)
     except RuntimeError as e:
-        raise SystemExit(f"bench: --device {name}: {e}") from None
+        raise BenchOptionError(f"--device {name}: {e}") from None
 
 
 def build_config(a: argparse.Namespace) -> BenchConfig:
@@ -110,10 +114,10 @@ def build_config(a: argparse.Namespace) -> BenchConfig:
         chosen["dtypes"] = a.dtype.split(",")
     unknown = [d for d in chosen.get("dtypes", []) if d not in precision.DTYPES]
     if unknown:
-        raise SystemExit(f"bench: --dtype {unknown} not one of {sorted(precision.DTYPES)}")
+        raise BenchOptionError(f"--dtype {unknown} not one of {sorted(precision.DTYPES)}")
     parts = a.parts.split(",") if a.parts else list(PARTS)
     if set(parts) - set(PARTS):
-        raise SystemExit(f"bench: --parts {sorted(set(parts) - set(PARTS))} not among {PARTS}")
+        raise BenchOptionError(f"--parts {sorted(set(parts) - set(PARTS))} not among {PARTS}")
     if a.channels_last is not None:
         chosen["channels_last"] = a.channels_last
     cfg = BenchConfig(**{**base, **chosen}, device=str(device), parts=parts, quick=a.quick)
@@ -272,12 +276,22 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/<device>.json)")
     p.add_argument("--results-md", type=Path, help="refresh this device's table in this file")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="check and measure every GPU path instead (dist_free.bench.gpu_check)")
+    p.add_argument("--only", help="with --gpu-check: comma list of checks to run")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    cfg = build_config(a)
+    if a.gpu_check:
+        from dist_free.bench import gpu_check
+        return gpu_check.main(a.device, a.out, a.only)
+    try:
+        cfg = build_config(a)
+    except BenchOptionError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
     result = run_suite(cfg)
     table = format_table(result)
     print(table)

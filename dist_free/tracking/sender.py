@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+if TYPE_CHECKING:   # MLflow is imported where it is used: a run with tracking off never loads it
+    from mlflow import MlflowClient
 
 from dist_free.tracking.staging import remove_staged
 
@@ -34,6 +34,7 @@ class RefusedItem(ValueError):
 
 def is_permanent(exc: BaseException) -> bool:
     """True when resending the same item can never succeed (bad value, missing file)."""
+    from mlflow.exceptions import MlflowException
     if isinstance(exc, MlflowException):
         return exc.error_code in _PERMANENT_CODES
     # KeyError, AttributeError, TypeError: a malformed item (e.g. from an edited WAL line).
@@ -63,6 +64,7 @@ class RunTarget:
 
 def open_run(client: MlflowClient, target: RunTarget) -> None:
     """Reopen `target.run_id` (status back to RUNNING) or create a new run; fills the target."""
+    from mlflow.exceptions import MlflowException
     if target.run_id is not None:
         try:
             run = client.get_run(target.run_id)
@@ -86,6 +88,7 @@ def open_run(client: MlflowClient, target: RunTarget) -> None:
 
 
 def _experiment_id(client: MlflowClient, target: RunTarget) -> str:
+    from mlflow.exceptions import MlflowException
     experiment = client.get_experiment_by_name(target.experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -130,6 +133,7 @@ def send_batch(client: MlflowClient, target: RunTarget, items: list[dict],
 
 def send(client: MlflowClient, target: RunTarget, item: dict, run_dir: Path) -> None:
     """Deliver one item to the open run; raises on failure (see `is_permanent`)."""
+    from mlflow.entities import Metric, RunTag
     kind = item["kind"]
     if kind == "metrics":
         metrics = [Metric(k, v, ts, step) for k, v, ts, step in item["metrics"]]
@@ -148,6 +152,7 @@ def send(client: MlflowClient, target: RunTarget, item: dict, run_dir: Path) -> 
 
 
 def _send_params(client: MlflowClient, target: RunTarget, params: dict[str, str]) -> None:
+    from mlflow.entities import Param, RunTag
     # MLflow forbids changing a logged param; a resumed run may legitimately change a few
     # (more epochs), so new values become tags instead of failing the whole batch.
     new = {k: v for k, v in params.items() if k not in target.known_params}

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from mlflow import MlflowClient
+from typing import TYPE_CHECKING
 
 from dist_free.tracking.journal import (
     WAL_DIR,
@@ -35,6 +34,9 @@ from dist_free.tracking.journal import (
 from dist_free.tracking.sender import Batch, RunTarget, is_permanent, open_run, send_batch
 from dist_free.tracking.staging import remove_session
 from dist_free.tracking.uri import TrackingConfigError, bound_http_retries, check_uri
+
+if TYPE_CHECKING:   # MLflow is imported where it is used: a run with tracking off never loads it
+    from mlflow import MlflowClient
 
 BATCH_ITEMS = 1000  # items held in memory at once: one batch
 log = logging.getLogger("dist_free.tracking")
@@ -246,6 +248,7 @@ def replay_file(paths: Paths, run_dir: Path, uri: str | None = None, *,
 
 
 def _run_to_end(up: Uploader, result: FileResult, retries: int) -> None:
+    from mlflow import MlflowClient
     client = MlflowClient(up.target.uri)
     try:
         _retrying(lambda: up.open(client), retries)
