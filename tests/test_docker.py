@@ -200,17 +200,45 @@ def test_pyproject_requirements_names_the_file_when_dependencies_are_missing(tmp
     assert proc.returncode != 0 and str(bad) in proc.stderr and "dependencies" in proc.stderr
 
 
-def run_install_deps(pyproject, tmp_path):
+def run_install_deps(pyproject, tmp_path, env=None):
     report = tmp_path / "report.json"
     proc = subprocess.run(["bash", str(REPO / "docker/install-deps.sh"), str(pyproject),
                            "--dry-run", "--no-index", "--report", str(report)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     return proc, report
 
 
 def test_install_deps_keeps_the_installed_torch(tmp_path):
     # Here, as in the base image, torch is already installed: nothing must be (re)installed.
     proc, report = run_install_deps(REPO / "pyproject.toml", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["install"] == []
+
+
+def installed_from_a_file(names, site):
+    """Copies of the installed distributions' metadata in `site`, marked as installed from wheel
+    files (as `pip install ./torch-*.whl` and conda's pip-compatible records do). With `site`
+    first on PYTHONPATH, they are the distributions pip and importlib.metadata see."""
+    from importlib.metadata import distribution
+
+    for name in names:
+        dist = distribution(name)
+        info = site / f"{name}-{dist.version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(dist.read_text("METADATA"))
+        (info / "INSTALLER").write_text("pip\n")
+        url = f"file:///wheels/{name}-{dist.version}-cp311-cp311-manylinux_2_28_x86_64.whl"
+        (info / "direct_url.json").write_text(json.dumps({"url": url, "archive_info": {}}))
+
+
+def test_install_deps_keeps_a_torch_installed_from_a_file(tmp_path):
+    site = tmp_path / "site"
+    installed_from_a_file(["torch", "torchvision"], site)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], env=env, capture_output=True,
+                            text=True, check=True).stdout
+    assert re.search(r"^torch @ file:///wheels/torch-", freeze, re.M), freeze   # no version in it
+    proc, report = run_install_deps(REPO / "pyproject.toml", tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(report.read_text())["install"] == []
 
