@@ -251,6 +251,67 @@ def test_install_deps_refuses_to_move_torch(tmp_path):
     assert "conflicting dependencies" in proc.stderr and "constraint" in proc.stdout + proc.stderr
 
 
+# ---- docker/smoke.sh (run by hand: here only linted and its arguments checked) ---------------
+
+SMOKE = REPO / "docker" / "smoke.sh"
+# A fake docker: appends its argv to $FAKE_LOG; `docker version` fails when FAKE_DOCKER_DOWN is set.
+FAKE_DOCKER = f"""#!{sys.executable}
+import os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+sys.exit(1 if os.environ.get("FAKE_DOCKER_DOWN") and sys.argv[1:2] == ["version"] else 0)
+"""
+
+
+def run_smoke(tmp_path, *args, **env):
+    """docker/smoke.sh with a fake docker first on PATH; (process, the docker calls made)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "docker-calls.txt"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    full_env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log),
+                "HOME": str(tmp_path), **env}
+    proc = subprocess.run(["bash", str(SMOKE), *args], env=full_env, capture_output=True,
+                          text=True, timeout=60)
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def test_smoke_script_passes_shellcheck():
+    beside = Path(sys.executable).parent / "shellcheck"
+    shellcheck = str(beside) if beside.is_file() else shutil.which("shellcheck")
+    assert shellcheck, "shellcheck missing: pip install -e '.[dev]' brings it"
+    proc = subprocess.run([shellcheck, str(SMOKE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_smoke_help_names_the_base_and_the_knobs(tmp_path):
+    proc, calls = run_smoke(tmp_path, "--help")
+    assert proc.returncode == 0 and calls == []
+    for word in ("BASE_IMAGE", "NETWORK", "DEMO_DATA", "STOP_TIMEOUT", "PASS", "FAIL"):
+        assert word in proc.stdout, word
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ((), {}, "usage: smoke.sh BASE_IMAGE"),
+    (("a", "b"), {}, "usage: smoke.sh BASE_IMAGE"),
+    (("--base=x",), {}, "usage: smoke.sh BASE_IMAGE"),
+    (("",), {}, "usage: smoke.sh BASE_IMAGE"),
+    (("base",), {"NPROC": "0"}, "NPROC must be a positive whole number"),
+    (("base",), {"STOP_TIMEOUT": "60s"}, "STOP_TIMEOUT must be a positive whole number"),
+    (("base",), {"NETWORK": "host --privileged"}, "NETWORK is not a network name"),
+    (("base",), {"TAG": "Bad Tag"}, "TAG is not an image name"),
+    (("base",), {"DEMO_DATA": "/nonexistent/demo"}, "DEMO_DATA needs train/ and val/"),
+    (("base",), {"FAKE_DOCKER_DOWN": "1"}, "cannot reach the Docker daemon"),
+], ids=["none", "two", "option", "empty", "nproc", "stop-timeout", "network", "tag", "demo-data",
+        "no-daemon"])
+def test_smoke_rejects_bad_arguments_before_building(tmp_path, args, env, message):
+    proc, calls = run_smoke(tmp_path, *args, **env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    # Arguments are checked before Docker is touched; then only the daemon is asked for.
+    assert calls == (["version"] if "FAKE_DOCKER_DOWN" in env else []), calls
+
+
 # ---- .dockerignore -------------------------------------------------------------------------
 
 def dockerignore_rules():
