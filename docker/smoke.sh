@@ -36,7 +36,7 @@ die() {
     exit 2
 }
 
-whole_seconds() {   # whole_seconds NAME VALUE: a positive integer or exit 2
+positive_int() {   # positive_int NAME VALUE: exit 2 unless VALUE is a positive integer
     [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive whole number, not '$2'"
 }
 
@@ -56,9 +56,9 @@ PYTHON="${PYTHON:-python3}"
 NPROC="${NPROC:-2}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
 START_TIMEOUT="${START_TIMEOUT:-900}"
-whole_seconds NPROC "$NPROC"
-whole_seconds STOP_TIMEOUT "$STOP_TIMEOUT"
-whole_seconds START_TIMEOUT "$START_TIMEOUT"
+positive_int NPROC "$NPROC"
+positive_int STOP_TIMEOUT "$STOP_TIMEOUT"
+positive_int START_TIMEOUT "$START_TIMEOUT"
 [[ "$TAG" =~ ^[a-z0-9][a-z0-9._/:-]*$ ]] || die "TAG is not an image name: '$TAG'"
 [[ -z "$NETWORK" || "$NETWORK" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
     die "NETWORK is not a network name: '$NETWORK'"
