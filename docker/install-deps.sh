@@ -20,10 +20,21 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-python -m pip freeze | grep -iE '^(torch|torchvision|torchaudio|triton)==' \
-    > "$work/base-constraints.txt" || true
-if ! grep -qi '^torch==' "$work/base-constraints.txt"; then
-    echo "install-deps.sh: no pip-installed torch in this Python; the base image must provide it" >&2
+# The base's torch family, pinned at the installed versions as each distribution's metadata gives
+# them: the very versions pip's resolver compares with, however torch was installed. Not `pip
+# freeze`: for a torch installed from a wheel file or by conda it prints `torch @ file:///...`.
+python - > "$work/base-constraints.txt" <<'EOF'
+from importlib.metadata import PackageNotFoundError, version
+
+for name in ("torch", "torchvision", "torchaudio", "triton"):
+    try:
+        print(f"{name}=={version(name)}")
+    except PackageNotFoundError:
+        pass
+EOF
+if ! grep -q '^torch==' "$work/base-constraints.txt"; then
+    echo "install-deps.sh: no torch installed in this Python ($(command -v python));" \
+        "the base image must provide it" >&2
     exit 2
 fi
 python "$here/pyproject_requirements.py" "$pyproject" > "$work/requirements.txt"

@@ -200,11 +200,11 @@ def test_pyproject_requirements_names_the_file_when_dependencies_are_missing(tmp
     assert proc.returncode != 0 and str(bad) in proc.stderr and "dependencies" in proc.stderr
 
 
-def run_install_deps(pyproject, tmp_path):
+def run_install_deps(pyproject, tmp_path, env=None):
     report = tmp_path / "report.json"
     proc = subprocess.run(["bash", str(REPO / "docker/install-deps.sh"), str(pyproject),
                            "--dry-run", "--no-index", "--report", str(report)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     return proc, report
 
 
@@ -215,12 +215,101 @@ def test_install_deps_keeps_the_installed_torch(tmp_path):
     assert json.loads(report.read_text())["install"] == []
 
 
+def installed_from_a_file(names, site):
+    """Copies of the installed distributions' metadata in `site`, marked as installed from wheel
+    files (as `pip install ./torch-*.whl` and conda's pip-compatible records do). With `site`
+    first on PYTHONPATH, they are the distributions pip and importlib.metadata see."""
+    from importlib.metadata import distribution
+
+    for name in names:
+        dist = distribution(name)
+        info = site / f"{name}-{dist.version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(dist.read_text("METADATA"))
+        (info / "INSTALLER").write_text("pip\n")
+        url = f"file:///wheels/{name}-{dist.version}-cp311-cp311-manylinux_2_28_x86_64.whl"
+        (info / "direct_url.json").write_text(json.dumps({"url": url, "archive_info": {}}))
+
+
+def test_install_deps_keeps_a_torch_installed_from_a_file(tmp_path):
+    site = tmp_path / "site"
+    installed_from_a_file(["torch", "torchvision"], site)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], env=env, capture_output=True,
+                            text=True, check=True).stdout
+    assert re.search(r"^torch @ file:///wheels/torch-", freeze, re.M), freeze   # no version in it
+    proc, report = run_install_deps(REPO / "pyproject.toml", tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["install"] == []
+
+
 def test_install_deps_refuses_to_move_torch(tmp_path):
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text('[project]\nname = "x"\nversion = "0"\ndependencies = ["torch>=999"]\n')
     proc, _ = run_install_deps(pyproject, tmp_path)
     assert proc.returncode != 0
     assert "conflicting dependencies" in proc.stderr and "constraint" in proc.stdout + proc.stderr
+
+
+# ---- docker/smoke.sh (run by hand: here only linted and its arguments checked) ---------------
+
+SMOKE = REPO / "docker" / "smoke.sh"
+# A fake docker: appends its argv to $FAKE_LOG; `docker version` fails when FAKE_DOCKER_DOWN is set.
+FAKE_DOCKER = f"""#!{sys.executable}
+import os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+sys.exit(1 if os.environ.get("FAKE_DOCKER_DOWN") and sys.argv[1:2] == ["version"] else 0)
+"""
+
+
+def run_smoke(tmp_path, *args, **env):
+    """docker/smoke.sh with a fake docker first on PATH; (process, the docker calls made)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "docker-calls.txt"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    full_env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log),
+                "HOME": str(tmp_path), **env}
+    proc = subprocess.run(["bash", str(SMOKE), *args], env=full_env, capture_output=True,
+                          text=True, timeout=60)
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def test_smoke_script_passes_shellcheck():
+    beside = Path(sys.executable).parent / "shellcheck"
+    shellcheck = str(beside) if beside.is_file() else shutil.which("shellcheck")
+    assert shellcheck, "shellcheck missing: pip install -e '.[dev]' brings it"
+    proc = subprocess.run([shellcheck, str(SMOKE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_smoke_help_names_the_base_and_the_knobs(tmp_path):
+    proc, calls = run_smoke(tmp_path, "--help")
+    assert proc.returncode == 0 and calls == []
+    for word in ("BASE_IMAGE", "NETWORK", "DEMO_DATA", "STOP_TIMEOUT", "PASS", "FAIL"):
+        assert word in proc.stdout, word
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ((), {}, "usage: smoke.sh BASE_IMAGE"),
+    (("a", "b"), {}, "usage: smoke.sh BASE_IMAGE"),
+    (("--base=x",), {}, "usage: smoke.sh BASE_IMAGE"),
+    (("",), {}, "usage: smoke.sh BASE_IMAGE"),
+    (("base",), {"NPROC": "0"}, "NPROC must be a positive whole number"),
+    (("base",), {"STOP_TIMEOUT": "60s"}, "STOP_TIMEOUT must be a positive whole number"),
+    (("base",), {"NETWORK": "host --privileged"}, "NETWORK is not a network name"),
+    (("base",), {"TAG": "Bad Tag"}, "TAG is not an image name"),
+    (("base",), {"DEMO_DATA": "/nonexistent/demo"}, "DEMO_DATA needs train/ and val/"),
+    (("base",), {"FAKE_DOCKER_DOWN": "1"}, "cannot reach the Docker daemon"),
+], ids=["none", "two", "option", "empty", "nproc", "stop-timeout", "network", "tag", "demo-data",
+        "no-daemon"])
+def test_smoke_rejects_bad_arguments_before_building(tmp_path, args, env, message):
+    proc, calls = run_smoke(tmp_path, *args, **env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    # Arguments are checked before Docker is touched; then only the daemon is asked for.
+    assert calls == (["version"] if "FAKE_DOCKER_DOWN" in env else []), calls
 
 
 # ---- .dockerignore -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = [LAUNCH / "workstation.sh", LAUNCH / "multinode.sh", LAUNCH / "slurm.sbatch"]
-SHELL_FILES = SCRIPTS + [LAUNCH / "common.sh"]
+SHELL_FILES = SCRIPTS + [LAUNCH / "common.sh", LAUNCH / "mlflow_ui.sh"]
 MANIFEST = LAUNCH / "pytorchjob.yaml"
 IMAGE_CONFIGS = "/opt/dist-free/configs/"  # where docker/Dockerfile copies configs/
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -449,6 +449,70 @@ def test_pytorchjob_grace_outlasts_torchrun(pytorchjob, launcher_grace_s):
     env = {e["name"]: e.get("value") for e in container["env"]}
     grace = int(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", launcher_grace_s))
     assert pod["terminationGracePeriodSeconds"] > grace > TRAINER_STOP_S
+
+
+# ---- MLflow UI ----------------------------------------------------------------------------
+
+# A fake mlflow: appends its argv to $FAKE_LOG as one JSON line.
+FAKE_MLFLOW = f"""#!{sys.executable}
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({{"tool": "mlflow", "argv": sys.argv[1:]}}) + "\\n")
+"""
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A folder holding the embedded store a run writes (a space, to catch unquoted expansions)."""
+    folder = tmp_path / "my runs"
+    folder.mkdir()
+    (folder / "mlflow.db").touch()
+    return folder
+
+
+def mlflow_ui(fake_bin, tmp_path, cwd, **env):
+    """Run launch/mlflow_ui.sh with a fake mlflow; (process, mlflow's options as its CLI parses them)."""
+    (fake_bin / "mlflow").write_text(FAKE_MLFLOW)
+    (fake_bin / "mlflow").chmod(0o755)
+    proc, calls = run_script(LAUNCH / "mlflow_ui.sh", fake_bin, tmp_path, env=env, cwd=cwd)
+    if proc.returncode != 0:
+        return proc, calls
+    (call,) = calls
+    from mlflow.cli import cli
+
+    # The real CLI reads the arguments: a renamed or dropped option fails here.
+    command = call["argv"][0]
+    return proc, cli.get_command(None, command).make_context(command, call["argv"][1:]).params
+
+
+def test_mlflow_ui_serves_the_store_in_the_current_folder_on_loopback(fake_bin, tmp_path, store):
+    proc, params = mlflow_ui(fake_bin, tmp_path, cwd=store)
+    assert proc.returncode == 0, proc.stderr
+    assert (params["host"], params["port"]) == ("127.0.0.1", 5000)
+    assert params["backend_store_uri"] == f"sqlite:///{store}/mlflow.db"
+    assert params["default_artifact_root"] == f"{store}/mlartifacts"
+    assert proc.stderr == ""
+
+
+def test_mlflow_ui_host_port_and_store_overrides_warn_about_the_open_port(fake_bin, tmp_path,
+                                                                          store):
+    proc, params = mlflow_ui(fake_bin, tmp_path, cwd=tmp_path, STORE_DIR=str(store),
+                             HOST="0.0.0.0", PORT="5001")
+    assert proc.returncode == 0, proc.stderr
+    assert (params["host"], params["port"]) == ("0.0.0.0", 5001)
+    assert params["backend_store_uri"] == f"sqlite:///{store}/mlflow.db"
+    assert "warning: serving on 0.0.0.0 without authentication" in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["empty folder", "missing folder"])
+def test_mlflow_ui_without_a_store_exits_2_naming_the_folder(fake_bin, tmp_path, where):
+    folder = tmp_path / "no runs"
+    if where == "empty folder":
+        folder.mkdir()
+    proc, calls = mlflow_ui(fake_bin, tmp_path, cwd=tmp_path, STORE_DIR=str(folder))
+    assert proc.returncode == 2 and calls == []
+    expected = "no mlflow.db in" if where == "empty folder" else "STORE_DIR not found"
+    assert f"mlflow_ui.sh: {expected}" in proc.stderr and str(folder) in proc.stderr
 
 
 # ---- README --------------------------------------------------------------------------------
