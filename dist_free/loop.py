@@ -28,6 +28,11 @@ from dist_free.tracking import build_tracker, environment_tags
 log = logging.getLogger("dist_free.train")
 
 
+# One metric logged with each family's every log call: what MLflow holds of it marks the family.
+RESUME_KEYS = {"train": "train/loss", "perf": "train/loss", "probe": "probe/pgd_top1",
+               "eval": "eval/epoch", "holdout": "eval/epoch"}
+
+
 class Preemption:
     """SIGTERM (Slurm/Kubernetes preemption, torchrun shutting down) or SIGINT (Ctrl-C) asks for
     a clean stop: the loop saves and leaves at its next check, instead of dying mid-write."""
@@ -70,7 +75,9 @@ class Run:
     best_metric: float = -1.0         # best PGD accuracy on the selection split
     eval_pending: bool = False        # the epoch's checkpoint is saved, its evaluation is not
     guard: validation.CollapseGuard | None = None
-    logged_through: int = -1          # metrics at steps <= this reached MLflow before a restart
+    # Per metric family, the last step MLflow has (or an earlier session's journal will send):
+    # a restart re-runs steps, so metrics at steps <= this are not logged again.
+    logged_through: dict[str, int] = field(default_factory=dict)
     preemption: Preemption = field(default_factory=Preemption)
     hooks: Hooks = field(default_factory=Hooks)
     commit: str = field(default_factory=lambda: environment.git_commit()[0])
@@ -137,15 +144,21 @@ class Run:
         self.eval_pending = state.get("eval_pending", False)
         self.guard.best = state.get("probe_best", -1.0)
         if self.d.is_main:
-            self.logged_through = self.tracker.logged_through("train/loss")
+            steps = self.tracker.steps_logged(RESUME_KEYS.values())
+            self.logged_through = {family: steps[key] for family, key in RESUME_KEYS.items()}
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch,
                  self.start_batch, self.global_step)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        """Metrics for steps re-run after a restart were logged the first time: skip them."""
-        if not self.d.is_main or step <= self.logged_through:
+        """Metrics for steps re-run after a restart were logged the first time: skip them. Each
+        family has its own mark: a redone evaluation logs at a step whose training metrics
+        MLflow already has, and a probe between two log points is not a training metric."""
+        if not self.d.is_main:
             return
-        self.tracker.log_metrics(metrics, step)
+        fresh = {k: v for k, v in metrics.items()
+                 if step > self.logged_through.get(k.split("/")[0], -1)}
+        if fresh:
+            self.tracker.log_metrics(fresh, step)
 
 
 def own_rank_state(state: dict, rank: int) -> dict:

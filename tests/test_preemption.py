@@ -37,8 +37,10 @@ def stop_and_time(proc, sig=signal.SIGTERM) -> str:
 def test_an_evaluation_cut_short_by_a_stop_is_redone_by_the_restart(demo_root, tmp_path, sig):
     # A long evaluation (PGD-100 on the whole val set) in short batches (4 images: well under a
     # second each, even on a loaded machine), which the signal cuts between two batches.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = demo_args(demo_root, tmp_path, "optim.epochs=8", "eval.every=1", "eval.max_batches=null",
-                     "data.val_batch_size=4")
+                     "data.val_batch_size=4", "tracking.enabled=true", f"tracking.uri={store}",
+                     "tracking.system_metrics=false")
     cmd = [sys.executable, PROBE, *args, "eval.steps=100"]
     last = tmp_path / "demo" / "checkpoints" / "last.pt"
     proc = start(cmd, tmp_path)
@@ -58,6 +60,16 @@ def test_an_evaluation_cut_short_by_a_stop_is_redone_by_the_restart(demo_root, t
     assert json.loads((tmp_path / "demo" / "eval" / "epoch_001.json").read_text())["epoch"] == 1
     final = checkpoint.load(last)
     assert final["epoch"] == 2 and not final["eval_pending"]
+    # The redone evaluation reached MLflow, once: one value per evaluated epoch for every key.
+    client = MlflowClient(store)
+    (run,) = client.search_runs(client.get_experiment_by_name("dist-free").experiment_id)
+    for key in ("eval/epoch", "eval/top1", "eval/pgd_top1", "holdout/pgd_top1"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [saved["global_step"], final["global_step"]], key
+    assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/epoch"),
+                                    key=lambda m: m.step)] == [1, 2]
+    train_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(train_steps) == len(set(train_steps))
 
 
 def test_a_sigterm_during_a_checkpoint_write_finishes_the_write_then_stops(demo_root, tmp_path):

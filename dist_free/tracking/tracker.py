@@ -88,6 +88,7 @@ class NullTracker:
     def stop_soon(self) -> None: ...
     def close(self, timeout: float | None = None, status: str = "FINISHED") -> None: ...
     def logged_through(self, key: str, timeout: float = 5.0) -> int: return -1
+    def steps_logged(self, keys, timeout: float = 5.0) -> dict[str, int]: return dict.fromkeys(keys, -1)
     def backlog(self) -> dict[str, int]: return {"in_memory": 0, "unsent": 0, "wal_bytes": 0,
                                                  "lost": 0}
 
@@ -193,31 +194,38 @@ class Tracker(NullTracker):
         self._finish()
 
     def logged_through(self, key: str, timeout: float = 5.0) -> int:
-        """The highest step of metric `key` this run holds or will receive, or -1 if unknown.
+        """The highest step of metric `key` this run holds or will receive, or -1 if unknown."""
+        return self.steps_logged([key], timeout)[key]
+
+    def steps_logged(self, keys, timeout: float = 5.0) -> dict[str, int]:
+        """For each metric key, the highest step this run holds or will receive (-1: unknown).
 
         A resumed run re-runs the steps after its checkpoint; the trainer skips logging those
-        MLflow already has, or an earlier session's WAL will still send, so no step appears
+        MLflow already has, or an earlier session's journal will still send, so no step appears
         twice. The server is asked once, at resume, in a helper thread so an unreachable one
         costs at most `timeout` s (then nothing is skipped: a duplicate is better than a gap).
         """
+        keys = list(keys)
         if self._target.run_id is None:
-            return -1
-        answer = []
+            return dict.fromkeys(keys, -1)
+        answer = {}
 
         def ask():
             from mlflow import MlflowClient
-            history = MlflowClient(self._target.uri).get_metric_history(self._target.run_id, key)
-            answer.append(max((m.step for m in history), default=-1))
+            client = MlflowClient(self._target.uri)
+            for key in keys:
+                history = client.get_metric_history(self._target.run_id, key)
+                answer[key] = max((m.step for m in history), default=-1)
 
         thread = threading.Thread(target=ask, name="mlflow-resume-query", daemon=True)
         thread.start()
         thread.join(timeout)
-        if not answer:
+        if len(answer) < len(keys):
             log.warning("could not ask MLflow which steps run %s already has; steps re-run "
                         "after the checkpoint may be logged twice", self._target.run_id)
-            return -1
-        return max(answer[0], pending_max_step(self._run_dir, key, self._target.run_id,
-                                               skip=self._sid))
+            return dict.fromkeys(keys, -1)
+        return {key: max(answer[key], pending_max_step(self._run_dir, key, self._target.run_id,
+                                                       skip=self._sid)) for key in keys}
 
     # -- the caller's side
 
