@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pipelines
 from dist_free import checkpoint, distributed, job_stop
@@ -103,5 +104,19 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         distributed.shutdown()
 
 
+def exit_at_once(code: int) -> NoReturn:
+    """Leave without the interpreter's teardown once `main` has returned: everything is saved,
+    closed and flushed by then, and tearing down torch, DALI and MLflow took 6-10 s on a loaded
+    2-core machine, a third of a grace period after SIGTERM."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def cli() -> NoReturn:
+    exit_at_once(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

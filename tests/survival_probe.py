@@ -106,4 +106,4 @@ def patch_start():
 
 if __name__ == "__main__":
     patch_start()
-    sys.exit(train.main(sys.argv[1:], hooks=SurvivalProbe()))
+    train.exit_at_once(train.main(sys.argv[1:], hooks=SurvivalProbe()))

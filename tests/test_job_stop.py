@@ -70,7 +70,8 @@ def test_a_collapse_under_torchrun_restarts_stays_stopped_and_the_run_ends_faile
         demo_root, tmp_path):
     # A hair-trigger guard fires within two epochs (as in the collapse tests); rollback keeps
     # the last healthy last.pt, which torchrun's restarts would otherwise train from again.
-    args = demo_args(demo_root, tmp_path, "optim.epochs=8", "eval.probes_per_epoch=8",
+    args = demo_args(demo_root, tmp_path, "optim.epochs=8", "eval.holdout=900",
+                     "eval.probes_per_epoch=8",
                      "eval.probe_batches=1", "eval.probe_steps=2", "eval.collapse_armed_at=0",
                      "eval.collapse_drop=0.0001", "eval.on_collapse=rollback")
     proc = run_cmd(torchrun("--standalone", "--nproc_per_node=1", "--max-restarts=2", SURVIVAL,

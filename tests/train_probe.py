@@ -41,4 +41,4 @@ class Probe(Hooks):
 
 
 if __name__ == "__main__":
-    sys.exit(train.main(sys.argv[1:], hooks=Probe()))
+    train.exit_at_once(train.main(sys.argv[1:], hooks=Probe()))
