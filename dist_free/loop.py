@@ -2,8 +2,9 @@
 
 `Run.start` builds (or resumes) everything a run needs; `fit` runs it. The step loop reads
 nothing back from the device except once per `run.log_every` steps, where one small all-reduce
-carries the window's loss/accuracy sums and the preemption flag, so every rank stops at the same
-step.
+carries the window's loss/accuracy sums and the preemption flag; a stop request reaches every
+rank one step after it was made through a CPU-side vote (stop_vote.py), so every rank stops at
+the same step, soon.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
 - The probe: a cheap PGD on a few held-out batches, several times an epoch. Robust accuracy that
   falls far below its best so far is the signature of catastrophic overfitting (FGSM-RS training
   is known to do it within an epoch) or of gradient masking; `eval.on_collapse` says what to do.
-- Every evaluation checks, between batches, whether a stop was requested on any rank, so a
-  SIGTERM during an evaluation of the whole val set is answered within one batch.
+- Every evaluation checks, between batches, whether a stop was requested on any rank, and a
+  rank asked to stop leaves a batch at its attack's next forward, so a SIGTERM during an
+  evaluation is answered within one attack step.
 """
 
 from __future__ import annotations
