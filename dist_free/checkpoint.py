@@ -105,11 +105,3 @@ def latest(run_dir: Path) -> Path | None:
     path = checkpoint_dir(run_dir) / "last.pt"
     return path if path.is_file() else None
 
-
-def check_class_map(saved: dict | None, current: dict) -> None:
-    """Resuming on a dataset whose classes are numbered differently would scramble the labels."""
-    if saved is not None and dict(saved) != dict(current):
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        raise CheckpointError(
-            f"the dataset's class map differs from the checkpoint's ({len(changed)} classes "
-            f"differ, e.g. {changed[:3]}); resume on the dataset the run started with")

@@ -115,6 +115,10 @@ class RunConfig:
     log_every: int = 20              # steps between metric reads (each read is one device sync)
     checkpoint_every: int = 1        # epochs
     progress: Literal["auto", "bar", "log"] = "auto"       # auto: a bar on a terminal
+    resume_stopped_step: int | None = None   # resume past a collapse or data-error stop that
+                                     # ends restarts of its job: the step its message names
+    accept_data_changes: tuple[str, ...] = ()   # resume although these differ from the
+                                     # checkpoint's: root, files, holdout, classes (see README)
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,10 @@ POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.v
 NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "optim.label_smoothing", "optim.gamma", "run.seed", "eval.holdout",
                 "eval.probes_per_epoch"}
+
+
+# What a resume may be told to accept (dist_free/resume_guard.py compares them).
+DATA_CHANGES = ("root", "files", "holdout", "classes")
 
 
 # Whole numbers are counts and sizes: anything beyond int64 is a typo, and torch would overflow.
@@ -330,6 +338,9 @@ def _validate(cfg: Config) -> Config:
                           f"{cfg.eval.collapse_armed_at}")
     if not 0 < cfg.eval.collapse_drop <= 1:
         raise ConfigError(f"eval.collapse_drop must be in (0, 1], got {cfg.eval.collapse_drop}")
+    unknown = sorted(set(cfg.run.accept_data_changes) - set(DATA_CHANGES))
+    if unknown:
+        raise ConfigError(f"run.accept_data_changes: {unknown} not among {list(DATA_CHANGES)}")
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones must be increasing, got {list(cfg.optim.milestones)}")
     return cfg

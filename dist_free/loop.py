@@ -2,8 +2,9 @@
 
 `Run.start` builds (or resumes) everything a run needs; `fit` runs it. The step loop reads
 nothing back from the device except once per `run.log_every` steps, where one small all-reduce
-carries the window's loss/accuracy sums and the preemption flag, so every rank stops at the same
-step.
+carries the window's loss/accuracy sums and the preemption flag; a stop request reaches every
+rank one step after it was made through a CPU-side vote (stop_vote.py), so every rank stops at
+the same step, soon.
 """
 
 from __future__ import annotations
@@ -17,12 +18,23 @@ from pathlib import Path
 
 import torch
 
-from dist_free import checkpoint, distributed, environment, lr_schedule, precision, runtime, validation
+from dist_free import (
+    checkpoint,
+    distributed,
+    environment,
+    lr_schedule,
+    precision,
+    redeal,
+    resume_guard,
+    runtime,
+    validation,
+)
 from dist_free.config import Config, flatten, to_yaml
 from dist_free.distributed import DistInfo
 from dist_free.model_card import export_checkpoint
 from dist_free.progress import Progress
 from dist_free.step_base import StepBase
+from dist_free.stop_vote import StopVote
 from dist_free.tracking import build_tracker, environment_tags
 
 log = logging.getLogger("dist_free.train")
@@ -78,7 +90,9 @@ class Run:
     # Per metric family, the last step MLflow has (or an earlier session's journal will send):
     # a restart re-runs steps, so metrics at steps <= this are not logged again.
     logged_through: dict[str, int] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)    # the data's identity, saved in checkpoints
     preemption: Preemption = field(default_factory=Preemption)
+    stop_vote: StopVote = field(default_factory=StopVote)
     hooks: Hooks = field(default_factory=Hooks)
     commit: str = field(default_factory=lambda: environment.git_commit()[0])
 
@@ -92,9 +106,12 @@ class Run:
             note = run_dir / f".decoding_{split}_rank{d.rank}.json"
             return runtime.build_loader(cfg, d, split, classes, crash_note=note)
 
-        train_loader = loader("train", state and state.get("class_to_idx"))
+        train_loader = loader("train", None)    # its class map is checked against the saved one
         val_loader = loader("val", train_loader.class_to_idx)
         holdout_loader = loader("holdout", train_loader.class_to_idx) if cfg.eval.holdout else None
+        data = resume_guard.identity(cfg, train_loader, val_loader, holdout_loader)
+        changes = resume_guard.check(state, data, cfg.run.accept_data_changes, resume) \
+            if state else {}
         model = runtime.build_bare_model(cfg, d.device)
         optimizer = runtime.build_optimizer(cfg, model, d.world_size)
         amp_dtype = precision.autocast_dtype(cfg.run.amp, d.device)
@@ -106,7 +123,9 @@ class Run:
         run = cls(cfg, d, run_dir, model, method, optimizer, train_loader, val_loader,
                   holdout_loader, tracker, amp_dtype, hooks=hooks or Hooks(),
                   guard=validation.CollapseGuard(cfg.eval.collapse_drop,
-                                                 cfg.eval.collapse_armed_at))
+                                                 cfg.eval.collapse_armed_at), data=data)
+        if changes and d.is_main:
+            tracker.set_tags({"resume.accepted_data_changes": "; ".join(changes.values())})
         if state is not None:
             run.restore(state, resume)
             run.hooks.after_restore(run)
@@ -128,12 +147,12 @@ class Run:
         self.tracker.log_artifact(self.run_dir / "class_map.json")
 
     def restore(self, state: dict, path: Path) -> None:
-        checkpoint.check_class_map(state.get("class_to_idx"), self.train_loader.class_to_idx)
+        mine = own_rank_state(self, state)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state.get("method") or {})
-            self.method.load_rank_state(own_rank_state(state, self.d.rank))
+            self.method.load_rank_state(mine)
         except (RuntimeError, ValueError, KeyError) as e:
             raise checkpoint.CheckpointError(
                 f"{path} does not fit this run's config (model, method or batch size changed?): "
@@ -161,13 +180,43 @@ class Run:
             self.tracker.log_metrics(fresh, step)
 
 
-def own_rank_state(state: dict, rank: int) -> dict:
-    """This rank's saved method state; a rank the old run did not have starts afresh."""
-    mine = checkpoint.rank_state(state, rank)
-    if not mine and state.get("world_size", 1) <= rank:
-        log.warning("rank %d has no saved method state (the run had %d ranks): starting it "
-                    "afresh", rank, state.get("world_size", 1))
+def own_rank_state(run: Run, state: dict) -> dict:
+    """This rank's saved method state; on another world size, its share of all ranks' saved
+    state (dist_free/redeal.py), with the change logged and tagged."""
+    saved_world = state.get("world_size", 1)
+    if saved_world == run.d.world_size:
+        return checkpoint.rank_state(state, run.d.rank)
+    check_global_batch(run, state)
+    saved = [checkpoint.rank_state(state, r) for r in range(saved_world)]
+    mine, deal = redeal.redeal(saved, run.d.rank, run.d.world_size,
+                               run.cfg.per_rank_batch(run.d.world_size))
+    change = (f"{saved_world} -> {run.d.world_size} ranks at epoch {state['epoch']} batch "
+              f"{state.get('batch_in_epoch', 0)} (step {state['global_step']})")
+    log.warning("resuming on another world size, %s: %s", change,
+                deal.describe() if deal else "no per-rank state saved")
+    if run.d.is_main:
+        run.tracker.set_tags({"world_size": str(run.d.world_size), "resume.world_size": change,
+                              "resume.perturbations": deal.describe() if deal else "none"})
     return mine
+
+
+def check_global_batch(run: Run, state: dict) -> None:
+    """Mid-epoch, the remaining batches are the same images only if the global batch is the
+    same (pipelines/sharding.py); at an epoch's end a changed one is the config's choice."""
+    data, saved_world = state["config"]["data"], state.get("world_size", 1)
+    before = data.get("global_batch") or data["batch_size"] * saved_world
+    now = run.cfg.per_rank_batch(run.d.world_size) * run.d.world_size
+    if before == now:
+        return
+    if state.get("batch_in_epoch", 0):
+        raise checkpoint.CheckpointError(
+            f"this run stopped mid-epoch on {saved_world} ranks with a global batch of {before}; "
+            f"on {run.d.world_size} ranks it would be {now}, and the epoch could not go on with "
+            f"the same images. Set data.global_batch={before} (then any world size that divides "
+            f"it resumes exactly) or resume on {saved_world} ranks")
+    log.warning("the global batch changes from %d (%d ranks) to %d (%d ranks): data.batch_size "
+                "is per rank; set data.global_batch to keep it", before, saved_world, now,
+                run.d.world_size)
 
 
 # ------------------------------------------------------------------ the loop
@@ -236,25 +285,29 @@ def train_one_epoch(run: Run) -> str:
         lr_schedule.set_lr(run.optimizer, lr)
         window.add(run.method.train_step(images, labels), images.shape[0])
         run.global_step, run.start_batch = run.global_step + 1, i + 1
-        if run.global_step % cfg.run.log_every == 0 or i + 1 == steps:
+        # Every rank learns of a stop one step after it was asked, not at the next log point.
+        stop = run.stop_vote.poll(run.preemption.requested)
+        if stop or run.global_step % cfg.run.log_every == 0 or i + 1 == steps:
             metrics, stop = window.close(run.preemption.requested, cfg.replays)
             metrics["train/lr"] = lr
             run.log_metrics(metrics, run.global_step)
             progress.update(i + 1, progress_text(metrics))
             if stop:
-                progress.close()
-                return "stopped"
+                return leave_epoch(run, progress, "stopped")
         if i + 1 in probes:
             try:
                 collapsed = run_probe(run)
             except validation.Stopped:      # a stop request met during the probe
-                progress.close()
-                return "stopped"
+                return leave_epoch(run, progress, "stopped")
             if collapsed:
-                progress.close()
-                return "collapsed"
+                return leave_epoch(run, progress, "collapsed")
+    return leave_epoch(run, progress, "done")
+
+
+def leave_epoch(run: Run, progress: Progress, outcome: str) -> str:
+    run.stop_vote.collect()     # every rank leaves the loop at the same step: none is left over
     progress.close()
-    return "done"
+    return outcome
 
 
 def progress_text(metrics: dict) -> str:
@@ -374,7 +427,8 @@ def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
                  "best_metric": run.best_metric, "probe_best": run.guard.best,
                  "eval_pending": eval_pending, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,
-                 "git_commit": run.commit, "world_size": run.d.world_size, "eval": report}
+                 "git_commit": run.commit, "world_size": run.d.world_size, "eval": report,
+                 "data": run.data}
         run.hooks.before_write(run)
         last = checkpoint.save_atomic(state, checkpoint.checkpoint_dir(run.run_dir) / "last.pt")
         if is_best:

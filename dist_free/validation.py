@@ -7,8 +7,9 @@
 - The probe: a cheap PGD on a few held-out batches, several times an epoch. Robust accuracy that
   falls far below its best so far is the signature of catastrophic overfitting (FGSM-RS training
   is known to do it within an epoch) or of gradient masking; `eval.on_collapse` says what to do.
-- Every evaluation checks, between batches, whether a stop was requested on any rank, so a
-  SIGTERM during an evaluation of the whole val set is answered within one batch.
+- Every evaluation checks, between batches, whether a stop was requested on any rank, and a
+  rank asked to stop leaves a batch at its attack's next forward, so a SIGTERM during an
+  evaluation is answered within one attack step.
 """
 
 from __future__ import annotations
@@ -50,15 +51,36 @@ def stop_checked(batches: Iterable, stop_requested: Callable[[], bool], device: 
             return
 
 
+class _StopMidBatch(Exception):
+    """This rank was asked to stop during an attack (raised at its next forward)."""
+
+
 def pgd_accuracy(run, loader, *, steps: int, restarts: int, max_batches: int | None) -> dict:
     """Clean and PGD accuracy of the bare model on `loader`, with rank 0's BatchNorm statistics
-    (each rank's running stats drift apart between DDP's broadcasts)."""
+    (each rank's running stats drift apart between DDP's broadcasts).
+
+    One batch of a long attack can take longer than a grace period on a loaded machine, so a
+    rank asked to stop also leaves mid-batch, at its next forward; it then meets the other
+    ranks at their next between-batch check with a stop vote, so every rank stops alike."""
     cfg = run.cfg
     distributed.broadcast_buffers(run.model)
     batches = stop_checked(loader, lambda: run.preemption.requested, run.d.device, max_batches)
-    return evaluate(run.model, batches, eps_values=[cfg.eval_eps], steps=steps,
-                    step_size=cfg.eval.step_size, restarts=restarts,
-                    amp_dtype=precision.attack_dtype(cfg.eval.amp))
+
+    def check(module, args):
+        if run.preemption.requested:
+            raise _StopMidBatch
+
+    hook = run.model.register_forward_pre_hook(check)
+    try:
+        return evaluate(run.model, batches, eps_values=[cfg.eval_eps], steps=steps,
+                        step_size=cfg.eval.step_size, restarts=restarts,
+                        amp_dtype=precision.attack_dtype(cfg.eval.amp))
+    except _StopMidBatch:
+        # The same all-reduce as stop_checked's (stop, finished), saying "stop".
+        distributed.all_reduce_sum(torch.tensor([1.0, 0.0], device=run.d.device))
+        raise Stopped from None
+    finally:
+        hook.remove()
 
 
 def epoch_report(run) -> dict:

@@ -3,9 +3,10 @@
 DALI's CPU decoder (nvImageCodec, DALI 2.4) sometimes dies with a segmentation fault on a
 truncated or non-image file instead of raising: no Python code runs after that, so the error
 cannot name the file. The loader therefore keeps a small note of the files it has handed to the
-decoder and not yet received back (the prefetch window), replaced at every batch and removed when
-the epoch ends or fails cleanly. A note still there at start-up means the last run died while
-decoding those files; `check_crash_note` inspects them and names the culprit.
+decoder and may not have received back (the next few batches and the prefetch window),
+rewritten every few batches (pipelines/dali.py: NOTE_EVERY) and removed when the epoch ends or
+fails cleanly. A note still there at start-up means the last run died while decoding those
+files; `check_crash_note` inspects them and names the culprit.
 """
 
 from __future__ import annotations
@@ -61,29 +62,3 @@ def check_crash_note(note: Path) -> None:
         + "; ".join(str(p) for p in bad)
         + ". Remove or replace them (`python -m dist_free.data verify ROOT` lists every bad file), "
         f"then start again. (Noted in {note}.)")
-
-
-def record_data_error(note: Path, message: str) -> None:
-    """Remember a data error that ended this attempt, for the next attempt of the same job.
-
-    A damaged file is deterministic: torchrun's --max-restarts would meet it again after the same
-    minutes of training, once per restart. The note is keyed by torchrun's job id
-    (TORCHELASTIC_RUN_ID), so a restart of the same job stops at once, while a new job (started
-    after the data was fixed) goes ahead.
-    """
-    note.parent.mkdir(parents=True, exist_ok=True)
-    replace_note(note, {"job": os.environ.get("TORCHELASTIC_RUN_ID"), "error": message})
-
-
-def check_data_error(note: Path) -> None:
-    """Raise the recorded error if an earlier attempt of this same torchrun job stopped on it."""
-    recorded = read_note(note, {})
-    if recorded is None:
-        return
-    job = os.environ.get("TORCHELASTIC_RUN_ID")
-    if job is None or recorded.get("job") != job:
-        clear_note(note)       # a new job: the data may have been fixed since
-        return
-    raise DataError(f"an earlier attempt of this job stopped on a data error; restarting would "
-                    f"only meet it again: {recorded.get('error')}. Fix the data, then start a new "
-                    f"job. (Noted in {note}.)")

@@ -21,6 +21,10 @@ from .loader import Augment, ShardedLoader
 from .verify import FATAL, check_file
 
 PREFETCH = 2  # batches DALI decodes ahead; a decode error may belong to any of them
+# Batches between two rewrites of the crash note: each is a write and a rename in the run
+# directory (a metadata round trip on a network file system), so not one per step. The note
+# covers the batches until the next rewrite plus those DALI may be decoding ahead.
+NOTE_EVERY = 16
 DALI_DTYPES = {torch.float16: types.FLOAT16, torch.float32: types.FLOAT}
 
 
@@ -84,7 +88,7 @@ class DaliLoader(ShardedLoader):
         if not files:
             return
         done = 0
-        window = (PREFETCH + 2) * self.batch_size
+        window = (NOTE_EVERY + PREFETCH + 2) * self.batch_size
         try:
             note_in_flight(self.crash_note, files[:window])
             for out in self.build(files, labels):
@@ -92,7 +96,8 @@ class DaliLoader(ShardedLoader):
                 if self.format.channels_last:  # DALI gave NHWC; this view is NCHW channels_last
                     images = images.permute(0, 3, 1, 2)
                 done += 1
-                note_in_flight(self.crash_note, files[done * self.batch_size:][:window])
+                if done % NOTE_EVERY == 0:
+                    note_in_flight(self.crash_note, files[done * self.batch_size:][:window])
                 yield images, out[0]["labels"]
         except RuntimeError as err:
             raise self.explain(err, files, done) from err

@@ -119,4 +119,4 @@ if os.environ.get("PROBE_SELECTION"):
 
 
 if __name__ == "__main__":
-    sys.exit(train.main(sys.argv[1:], hooks=PROBE))
+    train.exit_at_once(train.main(sys.argv[1:], hooks=PROBE))
