@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     import pipelines
     from dist_free import runtime
     from dist_free.config import ConfigError
+    from dist_free.models import eval_weights
 
     args = parse_args(argv)
     try:
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loader = val_loader(cfg, d, state.get("class_to_idx"), args.subset)
         model = runtime.build_bare_model(cfg, d.device)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(eval_weights(state))     # the EMA's, when the run kept one
         # eps = 0 is the clean accuracy; attacking at eps 0 would only recompute it.
         result = evaluate(model, loader, eps_values=[e for e in eps_values if e > 0],
                           steps=args.steps, step_size=args.step_size, restarts=args.restarts,

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pipelines
-from dist_free import precision
+from dist_free import optim, precision, timm_models
 from dist_free.config import Config, ConfigError
 from dist_free.distributed import DistInfo
+from dist_free.ema import ModelEMA
 from dist_free.methods import METHODS
 from dist_free.models import build_model
 from dist_free.step_base import StepBase
@@ -64,8 +65,33 @@ def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None
 
 
 def build_bare_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    return build_model(cfg.model.name, cfg.model.num_classes,
-                       channels_last=cfg.model.channels_last).to(device)
+    return build_model(cfg.model.name, cfg.model.num_classes, channels_last=cfg.model.channels_last,
+                       kwargs=cfg.model.kwargs).to(device)
+
+
+def check_model(cfg: Config) -> None:
+    """A timm name or argument timm does not know is a config error, found before any worker
+    joins a process group (the net is built on the meta device: no memory, no compute)."""
+    if timm_models.is_timm(cfg.model.name):
+        try:
+            timm_models.check_buildable(cfg.model.name, cfg.model.num_classes, cfg.model.kwargs)
+        except ValueError as e:
+            raise ConfigError(f"model.name/model.kwargs: {e}") from None
+
+
+def apply_init(cfg: Config, model: torch.nn.Module) -> None:
+    """model.init: a fresh run starts from a local safetensors file, every key and shape checked
+    first (a mismatch is a config error naming the tensors)."""
+    if cfg.model.init:
+        try:
+            timm_models.load_init(getattr(model, "net", model), cfg.model.init)
+        except timm_models.InitError as e:
+            raise ConfigError(str(e)) from None
+
+
+def build_ema(cfg: Config, model: torch.nn.Module) -> ModelEMA | None:
+    """The EMA of the bare model when optim.ema is set (after model.init, before training)."""
+    return ModelEMA(model, cfg.optim.ema) if cfg.optim.ema else None
 
 
 def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
@@ -103,16 +129,19 @@ def build_method(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
                  d: DistInfo, amp_dtype: torch.dtype | None) -> StepBase:
     """The configured training method around the wrapped (DDP/compiled) model."""
     return METHODS[cfg.method.name](wrap(cfg, model, d), optimizer, amp_dtype=amp_dtype,
-                                    loss_fn=loss_fn(cfg), **method_options(cfg))
+                                    loss_fn=loss_fn(cfg), grad_clip=cfg.optim.clip_grad_norm,
+                                    **method_options(cfg))
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.SGD:
+def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """optim.name sgd|adamw at the scaled lr; see dist_free.optim for the weight-decay groups."""
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    on_gpu = params[0].is_cuda
-    return torch.optim.SGD(params, lr=base_lr(cfg, world_size), momentum=o.momentum,
-                           weight_decay=o.weight_decay, nesterov=o.nesterov,
-                           fused=True if on_gpu else None)   # one kernel for all parameters
+    # timm's names are relative to the net; dist_free.optim matches them as name suffixes.
+    exempt = timm_models.no_weight_decay_names(getattr(model, "net", model))
+    return optim.build_optimizer(model, name=o.name, lr=base_lr(cfg, world_size),
+                                 weight_decay=o.weight_decay, momentum=o.momentum,
+                                 nesterov=o.nesterov, betas=o.betas, wd_exempt=o.wd_exempt,
+                                 exempt_names=exempt)
 
 
 def base_lr(cfg: Config, world_size: int) -> float:
@@ -128,6 +157,9 @@ def lr_factor(cfg: Config, natural_epoch: float) -> float:
     natural-epoch units. Being stateless, it resumes exactly from the saved progress.
     """
     o = cfg.optim
+    if o.schedule == "warmup_cosine":
+        return warmup_cosine_factor(natural_epoch, epochs=o.epochs, warmup_epochs=o.warmup_epochs,
+                                    start=o.warmup_start, floor=o.lr_floor)
     if o.warmup_epochs > 0 and natural_epoch < o.warmup_epochs:
         return (natural_epoch + 1e-3) / o.warmup_epochs
     if o.schedule == "cosine":
@@ -135,6 +167,20 @@ def lr_factor(cfg: Config, natural_epoch: float) -> float:
         t = min(max(natural_epoch - o.warmup_epochs, 0.0) / span, 1.0)
         return 0.5 * (1 + math.cos(math.pi * t))
     return o.gamma ** sum(natural_epoch >= m for m in o.milestones)
+
+
+def warmup_cosine_factor(natural_epoch: float, *, epochs: float, warmup_epochs: float,
+                         start: float = 0.0, floor: float = 0.0) -> float:
+    """The ConvNeXt/ViT recipes' schedule (optim.schedule=warmup_cosine), a pure function of
+    progress in natural-training epochs, evaluated at every step: linear from `start` x peak at
+    epoch 0 to the peak at `warmup_epochs`, then half a cosine from the peak down to `floor` x
+    peak at `epochs` (and `floor` after). `start` and `floor` are fractions of the peak lr, so
+    the schedule scales with the batch like the peak does."""
+    if warmup_epochs > 0 and natural_epoch < warmup_epochs:
+        return start + (1.0 - start) * natural_epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-9)
+    t = min(max(natural_epoch - warmup_epochs, 0.0) / span, 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
