@@ -4,8 +4,9 @@ RobustBench describes each leaderboard entry in a small JSON file (model_info/<d
 model>/<Name>.json: link, name, authors, additional_data, number_forward_passes, dataset, venue,
 architecture, eps, clean_acc, reported, autoattack_acc, with accuracies as percent strings). This
 writes the same fields from the model card, leaves null what only the authors can say (link,
-name, authors, venue, dataset), and adds what a reader needs to trust the figures: how many
-images, which subset, the preprocessing, and where the numbers came from. Accuracies come only
+name, authors, venue, dataset, whether the training data went beyond it), and adds what a reader
+needs to trust the figures: how many images, which subset, the preprocessing, and where the
+numbers came from. Accuracies come only
 from a standalone evaluation (`python -m dist_free.evaluate`, exported with --report); an
 in-training PGD figure is never written as clean_acc or autoattack_acc.
 """
@@ -42,7 +43,7 @@ def robustbench_info(card: dict) -> dict:
     clean = (ev.get("clean") or {}).get("top1") if final else None
     return {
         "link": None, "name": None, "authors": None, "venue": None, "dataset": None,
-        "additional_data": False, "number_forward_passes": 1,
+        "additional_data": None, "number_forward_passes": 1,
         "architecture": card["architecture"],
         "eps": eps_fraction(aa["eps"] if aa else threat["eval_eps"]),
         "clean_acc": percent(clean),

@@ -1,4 +1,5 @@
-"""What every training method shares: mixed precision, the optimizer step, input checks, stats.
+"""What every training method shares: mixed precision, the optimizer step (with optional gradient
+clipping, dist_free.optim), input checks, stats.
 
 A method (free, natural, PGD, fast-FGSM) subclasses `StepBase` and implements `train_step`. The
 base keeps the hot path free of host-device syncs: statistics stay on the device in a `StepStats`

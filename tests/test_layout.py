@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The engine: the algorithm, its baselines, the attacks, the models. It knows nothing of input
 # pipelines, MLflow or the config file: the trainer wires those to it.
-ENGINE = ["free.py", "linf.py", "methods.py", "step_base.py", "attacks.py", "models.py"]
+ENGINE = ["free.py", "linf.py", "methods.py", "step_base.py", "attacks.py", "models.py",
+          "timm_models.py", "optim.py", "ema.py"]
 FORBIDDEN = ("pipelines", "mlflow", "dist_free.config", "dist_free.tracking", "nvidia",
              "dist_free.runtime", "dist_free.loop", "dist_free.train")
 
