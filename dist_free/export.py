@@ -158,7 +158,8 @@ def training_recipe(state: dict, cfg: Config) -> dict:
             "global_step": state.get("global_step"), "world_size": world,
             "batch_per_rank": cfg.data.batch_size, "global_batch": global_batch,
             "lr": o.lr, "lr_batch": o.lr_batch, "peak_lr": o.lr * global_batch / o.lr_batch,
-            "schedule": o.schedule, "milestones_natural": list(o.milestones), "gamma": o.gamma,
+            "schedule": o.schedule, "gamma": o.gamma,   # milestones: the step schedule's only
+            "milestones_natural": list(o.milestones) if o.schedule == "step" else None,
             "warmup_epochs_natural": o.warmup_epochs, "momentum": o.momentum,
             "weight_decay": o.weight_decay, "label_smoothing": o.label_smoothing,
             "amp": cfg.run.amp, "optimizer": o.name, "betas": list(o.betas),

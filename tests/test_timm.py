@@ -174,6 +174,7 @@ def test_the_export_holds_the_ema_and_loads_with_timm_alone(tmp_path):
     # The card is true about selection and schedule.
     assert "best PGD accuracy on 256 held-out training images" in md and "same val" not in md
     assert "milestones" not in md and "then cosine to 0 x peak" in md
+    assert card["training"]["milestones_natural"] is None
     assert "the EMA of the weights (decay 0.999" in md
     info = json.loads((out / "model_info.json").read_text())
     assert info["architecture"] == VIT and info["eps"] == "4/255"
