@@ -75,6 +75,7 @@ class Run:
     best_metric: float = -1.0         # best PGD accuracy on the selection split
     eval_pending: bool = False        # the epoch's checkpoint is saved, its evaluation is not
     guard: validation.CollapseGuard | None = None
+    ema: object | None = None         # dist_free.ema.ModelEMA when optim.ema is set
     # Per metric family, the last step MLflow has (or an earlier session's journal will send):
     # a restart re-runs steps, so metrics at steps <= this are not logged again.
     logged_through: dict[str, int] = field(default_factory=dict)
@@ -96,6 +97,8 @@ class Run:
         val_loader = loader("val", train_loader.class_to_idx)
         holdout_loader = loader("holdout", train_loader.class_to_idx) if cfg.eval.holdout else None
         model = runtime.build_bare_model(cfg, d.device)
+        if state is None:
+            runtime.apply_init(cfg, model)       # a resumed run has its own weights
         optimizer = runtime.build_optimizer(cfg, model, d.world_size)
         amp_dtype = precision.autocast_dtype(cfg.run.amp, d.device)
         method = runtime.build_method(cfg, model, optimizer, d, amp_dtype)
@@ -106,7 +109,8 @@ class Run:
         run = cls(cfg, d, run_dir, model, method, optimizer, train_loader, val_loader,
                   holdout_loader, tracker, amp_dtype, hooks=hooks or Hooks(),
                   guard=validation.CollapseGuard(cfg.eval.collapse_drop,
-                                                 cfg.eval.collapse_armed_at))
+                                                 cfg.eval.collapse_armed_at),
+                  ema=runtime.build_ema(cfg, model))
         if state is not None:
             run.restore(state, resume)
             run.hooks.after_restore(run)
@@ -134,6 +138,7 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state.get("method") or {})
             self.method.load_rank_state(own_rank_state(state, self.d.rank))
+            self.restore_ema(state.get("ema"))
         except (RuntimeError, ValueError, KeyError) as e:
             raise checkpoint.CheckpointError(
                 f"{path} does not fit this run's config (model, method or batch size changed?): "
@@ -148,6 +153,16 @@ class Run:
             self.logged_through = {family: steps[key] for family, key in RESUME_KEYS.items()}
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch,
                  self.start_batch, self.global_step)
+
+    def restore_ema(self, saved: dict | None) -> None:
+        if self.ema is None:
+            return
+        if saved is None:
+            log.warning("optim.ema is on but the checkpoint has no EMA: averaging starts from "
+                        "the resumed weights")
+            self.ema.module.load_state_dict(self.model.state_dict())
+        else:
+            self.ema.load_state_dict(saved)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Metrics for steps re-run after a restart were logged the first time: skip them. Each
@@ -235,6 +250,8 @@ def train_one_epoch(run: Run) -> str:
         lr = lr_schedule.lr_at(cfg, run.d.world_size, run.epoch + i / steps)
         lr_schedule.set_lr(run.optimizer, lr)
         window.add(run.method.train_step(images, labels), images.shape[0])
+        if run.ema is not None:      # free training took `replays` optimizer steps
+            run.ema.update(run.model, cfg.replays)
         run.global_step, run.start_batch = run.global_step + 1, i + 1
         if run.global_step % cfg.run.log_every == 0 or i + 1 == steps:
             metrics, stop = window.close(run.preemption.requested, cfg.replays)
@@ -374,7 +391,8 @@ def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
                  "best_metric": run.best_metric, "probe_best": run.guard.best,
                  "eval_pending": eval_pending, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,
-                 "git_commit": run.commit, "world_size": run.d.world_size, "eval": report}
+                 "git_commit": run.commit, "world_size": run.d.world_size, "eval": report,
+                 "ema": run.ema.state_dict() if run.ema is not None else None}
         run.hooks.before_write(run)
         last = checkpoint.save_atomic(state, checkpoint.checkpoint_dir(run.run_dir) / "last.pt")
         if is_best:

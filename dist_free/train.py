@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pipelines
-from dist_free import checkpoint, distributed
+from dist_free import checkpoint, distributed, runtime
 from dist_free.config import ConfigError, load_config
 from dist_free.loop import Hooks, Run, fit
 from dist_free.tracking.uri import TrackingConfigError, check_uri
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)   # before any process-group work
+        runtime.check_model(cfg)                          # a timm name/argument timm lacks
         if cfg.tracking.enabled:     # a password must not reach config.yaml, params or logs
             check_uri(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
     except ConfigError as e:
