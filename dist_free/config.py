@@ -39,6 +39,10 @@ class ModelConfig:
     channels_last: bool = True       # NHWC: faster convolutions under autocast on GPUs
     sync_bn: bool = False            # BatchNorm statistics over all ranks (small per-rank batches)
     compile: bool = False            # torch.compile the model
+    # timm architectures (model.name: timm/<name>, see dist_free.timm_models): arguments timm's
+    # create_model takes, as data, e.g. {img_size: 32, patch_size: 4, drop_path_rate: 0.1}
+    kwargs: dict = field(default_factory=dict)
+    init: str | None = None          # a local .safetensors to start from (shape-checked)
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,20 @@ class OptimConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     epochs: int = 90                 # natural-training epochs; free runs ceil(epochs / replays)
-    schedule: Literal["step", "cosine"] = "step"
+    schedule: Literal["step", "cosine", "warmup_cosine"] = "step"
     milestones: tuple[int, ...] = (30, 60)   # step schedule, natural-training epochs
     gamma: float = 0.1
     warmup_epochs: float = 0.0       # linear warm-up, natural-training epochs
     label_smoothing: float = 0.0
+    name: Literal["sgd", "adamw"] = "sgd"   # see dist_free.optim
+    betas: tuple[float, ...] = (0.9, 0.999)  # adamw
+    wd_exempt: bool | Literal["auto"] = "auto"   # no weight decay on norms, biases, position and
+                                     # class tokens; auto: for adamw only (sgd decays everything)
+    warmup_start: float = 0.0        # warmup_cosine: lr at step 0, as a fraction of the peak
+    lr_floor: float = 0.0            # warmup_cosine: final lr, as a fraction of the peak
+    clip_grad_norm: float | None = None   # clip the weight gradient's global L2 norm
+    ema: float | None = None         # model EMA decay per optimizer step (e.g. 0.9998); the
+                                     # evaluation, best.pt and the export use the EMA weights
 
 
 @dataclass(frozen=True)
@@ -171,10 +184,10 @@ POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.v
             "optim.lr_batch", "optim.epochs", "model.num_classes", "eval.every", "eval.eps",
             "eval.steps", "eval.step_size", "eval.restarts", "eval.max_batches", "run.log_every",
             "run.checkpoint_every", "data.threads", "data.global_batch", "eval.probe_batches",
-            "eval.probe_steps"}
+            "eval.probe_steps", "optim.clip_grad_norm"}
 NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "optim.label_smoothing", "optim.gamma", "run.seed", "eval.holdout",
-                "eval.probes_per_epoch"}
+                "eval.probes_per_epoch", "optim.warmup_start", "optim.lr_floor"}
 
 
 # What a resume may be told to accept (dist_free/resume_guard.py compares them).
@@ -244,6 +257,8 @@ def _coerce(key: str, value, hint):
         return _parse_bool(key, value)
     if hint in (int, float):
         return _parse_number(key, value, hint)
+    if hint is dict:
+        return _coerce_mapping(key, value)
     if hint is str:
         if isinstance(value, bool):     # YAML reads `fused: true` as a bool
             value = str(value).lower()
@@ -257,6 +272,30 @@ def _coerce(key: str, value, hint):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(key, v, args[0]) for v in value)
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _coerce_mapping(key: str, value) -> dict:
+    """Architecture arguments as data: names to scalars or lists of scalars (text from the
+    command line, e.g. model.kwargs.img_size=32, is read as YAML)."""
+    if isinstance(value, str):
+        value = _yaml_value(key, value) if value.strip() else {}
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping such as {{img_size: 32}}, got {value!r}")
+    out = {}
+    for name, v in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{key}: {name!r} is not an argument name")
+        if isinstance(v, str):
+            v = _yaml_value(f"{key}.{name}", v)
+        items = v if isinstance(v, (list, tuple)) else [v]
+        if not all(x is None or isinstance(x, (bool, int, float, str)) for x in items) or \
+                any(isinstance(x, float) and not math.isfinite(x) for x in items):
+            raise ConfigError(f"{key}.{name}: expected a number, string, boolean or a list of "
+                              f"them, got {v!r}")
+        out[name] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
 
 
 def _yaml_value(key: str, text: str):
@@ -343,7 +382,27 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"run.accept_data_changes: {unknown} not among {list(DATA_CHANGES)}")
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones must be increasing, got {list(cfg.optim.milestones)}")
+    _validate_modern(cfg)
     return cfg
+
+
+def _validate_modern(cfg: Config) -> None:
+    """The timm/AdamW/EMA fields (dist_free.timm_models, optim, ema)."""
+    m, o = cfg.model, cfg.optim
+    if m.kwargs and not m.name.startswith("timm/"):
+        raise ConfigError(f"model.kwargs: only timm architectures (model.name: timm/<name>) take "
+                          f"arguments; {m.name!r} does not")
+    if m.init is not None and not m.init.endswith(".safetensors"):
+        raise ConfigError(f"model.init must name a local .safetensors file, got {m.init!r}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+    for key in ("warmup_start", "lr_floor"):
+        if getattr(o, key) > 1:
+            raise ConfigError(f"optim.{key} is a fraction of the peak lr (<= 1), got "
+                              f"{getattr(o, key)}")
+    if o.ema is not None and not 0 < o.ema < 1:
+        raise ConfigError(f"optim.ema is a decay per optimizer step in (0, 1) (e.g. 0.9998), "
+                          f"got {o.ema}")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -43,6 +43,7 @@ from pathlib import Path
 import pipelines
 from dist_free import autoattack, checkpoint, distributed, precision, report, runtime
 from dist_free.config import ConfigError, config_from_dict, parse_fraction
+from dist_free.models import eval_weights
 from dist_free.progress import Progress
 from dist_free.robust_eval import ATTACKS, evaluate
 from dist_free.tracking.uri import bound_http_retries, resolve_uri
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loader = val_loader(cfg, d, state.get("class_to_idx"), args.subset)
         model = runtime.build_bare_model(cfg, d.device)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(eval_weights(state))     # the EMA's, when the run kept one
         progress = Progress("evaluate", getattr(loader, "num_samples", 0), unit="img",
                             enabled=d.is_main, mode=cfg.run.progress)
         # eps = 0 is the clean accuracy; attacking at eps 0 would only recompute it.

@@ -2,8 +2,8 @@
 
     python -m dist_free.export runs/free/checkpoints/best.pt export/ [--report eval.json] [--force]
 
-OUT receives model.safetensors, model.pt, model_card.json and MODEL_CARD.md; see
-dist_free.model_card for what each holds and how the card is filled.
+OUT receives model.safetensors, model.pt, model_card.json, MODEL_CARD.md and model_info.json
+(RobustBench's layout); see dist_free.model_card for what each holds and how the card is filled.
 """
 
 from __future__ import annotations

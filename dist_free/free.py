@@ -114,10 +114,13 @@ class FreeAdversarialTrainer(StepBase):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, eps: float,
                  replays: int, step_size: float | None = None, amp_dtype: torch.dtype | None = None,
                  scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None,
-                 input_shape: tuple[int, int, int, int] | None = None, fused: bool | str = "auto"):
+                 input_shape: tuple[int, int, int, int] | None = None, fused: bool | str = "auto",
+                 grad_clip: float | None = None):
         """input_shape: (max_batch, C, H, W) allocates the perturbation now; otherwise the first
-        batch's shape is used. fused: "auto" (compiled kernel on CUDA, eager on CPU), True, False."""
-        super().__init__(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, loss_fn=loss_fn)
+        batch's shape is used. fused: "auto" (compiled kernel on CUDA, eager on CPU), True, False.
+        grad_clip bounds the weight step's gradient only, never the perturbation's (x_adv.grad)."""
+        super().__init__(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, loss_fn=loss_fn,
+                         grad_clip=grad_clip)
         if not eps > 0:
             raise ValueError(f"eps must be > 0 (pixel units, e.g. 4/255), got {eps}")
         if isinstance(replays, bool) or not isinstance(replays, int) or replays < 1:

@@ -87,6 +87,7 @@ class Run:
     best_metric: float = -1.0         # best PGD accuracy on the selection split
     eval_pending: bool = False        # the epoch's checkpoint is saved, its evaluation is not
     guard: validation.CollapseGuard | None = None
+    ema: object | None = None         # dist_free.ema.ModelEMA when optim.ema is set
     # Per metric family, the last step MLflow has (or an earlier session's journal will send):
     # a restart re-runs steps, so metrics at steps <= this are not logged again.
     logged_through: dict[str, int] = field(default_factory=dict)
@@ -113,6 +114,8 @@ class Run:
         changes = resume_guard.check(state, data, cfg.run.accept_data_changes, resume) \
             if state else {}
         model = runtime.build_bare_model(cfg, d.device)
+        if state is None:
+            runtime.apply_init(cfg, model)       # a resumed run has its own weights
         optimizer = runtime.build_optimizer(cfg, model, d.world_size)
         amp_dtype = precision.autocast_dtype(cfg.run.amp, d.device)
         method = runtime.build_method(cfg, model, optimizer, d, amp_dtype)
@@ -123,7 +126,8 @@ class Run:
         run = cls(cfg, d, run_dir, model, method, optimizer, train_loader, val_loader,
                   holdout_loader, tracker, amp_dtype, hooks=hooks or Hooks(),
                   guard=validation.CollapseGuard(cfg.eval.collapse_drop,
-                                                 cfg.eval.collapse_armed_at), data=data)
+                                                 cfg.eval.collapse_armed_at), data=data,
+                  ema=runtime.build_ema(cfg, model))
         if changes and d.is_main:
             tracker.set_tags({"resume.accepted_data_changes": "; ".join(changes.values())})
         if state is not None:
@@ -153,6 +157,7 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state.get("method") or {})
             self.method.load_rank_state(mine)
+            self.restore_ema(state.get("ema"))
         except (RuntimeError, ValueError, KeyError) as e:
             raise checkpoint.CheckpointError(
                 f"{path} does not fit this run's config (model, method or batch size changed?): "
@@ -167,6 +172,16 @@ class Run:
             self.logged_through = {family: steps[key] for family, key in RESUME_KEYS.items()}
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch,
                  self.start_batch, self.global_step)
+
+    def restore_ema(self, saved: dict | None) -> None:
+        if self.ema is None:
+            return
+        if saved is None:
+            log.warning("optim.ema is on but the checkpoint has no EMA: averaging starts from "
+                        "the resumed weights")
+            self.ema.module.load_state_dict(self.model.state_dict())
+        else:
+            self.ema.load_state_dict(saved)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Metrics for steps re-run after a restart were logged the first time: skip them. Each
@@ -284,6 +299,8 @@ def train_one_epoch(run: Run) -> str:
         lr = lr_schedule.lr_at(cfg, run.d.world_size, run.epoch + i / steps)
         lr_schedule.set_lr(run.optimizer, lr)
         window.add(run.method.train_step(images, labels), images.shape[0])
+        if run.ema is not None:      # free training took `replays` optimizer steps
+            run.ema.update(run.model, cfg.replays)
         run.global_step, run.start_batch = run.global_step + 1, i + 1
         # Every rank learns of a stop one step after it was asked, not at the next log point.
         stop = run.stop_vote.poll(run.preemption.requested)
@@ -428,7 +445,7 @@ def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
                  "eval_pending": eval_pending, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,
                  "git_commit": run.commit, "world_size": run.d.world_size, "eval": report,
-                 "data": run.data}
+                 "data": run.data, "ema": run.ema.state_dict() if run.ema is not None else None}
         run.hooks.before_write(run)
         last = checkpoint.save_atomic(state, checkpoint.checkpoint_dir(run.run_dir) / "last.pt")
         if is_best:

@@ -1,4 +1,5 @@
-"""The learning-rate schedule: linear scaling with the global batch, warm-up, step or cosine decay.
+"""The learning-rate schedule: linear scaling with the global batch, warm-up, step or cosine decay,
+or the ConvNeXt/ViT recipes' warm-up + cosine (optim.schedule=warmup_cosine).
 
 Milestones and warm-up are in natural-training epochs (the paper's units): free training covers
 `replays` natural epochs' worth of SGD steps per real epoch, so the trainer passes
@@ -23,13 +24,30 @@ def base_lr(cfg: Config, world_size: int) -> float:
 def lr_factor(cfg: Config, natural_epoch: float) -> float:
     """The multiplier on `base_lr` at `natural_epoch` (real-epoch progress x replays)."""
     o = cfg.optim
+    if o.schedule == "warmup_cosine":
+        return warmup_cosine_factor(natural_epoch, epochs=o.epochs, warmup_epochs=o.warmup_epochs,
+                                    start=o.warmup_start, floor=o.lr_floor)
     if o.warmup_epochs > 0 and natural_epoch < o.warmup_epochs:
         return (natural_epoch + 1e-3) / o.warmup_epochs
     if o.schedule == "cosine":
-        span = max(o.epochs - o.warmup_epochs, 1e-9)
-        t = min(max(natural_epoch - o.warmup_epochs, 0.0) / span, 1.0)
-        return 0.5 * (1 + math.cos(math.pi * t))
+        return half_cosine(natural_epoch, o.warmup_epochs, o.epochs)
     return o.gamma ** sum(natural_epoch >= m for m in o.milestones)
+
+
+def warmup_cosine_factor(natural_epoch: float, *, epochs: float, warmup_epochs: float,
+                         start: float = 0.0, floor: float = 0.0) -> float:
+    """Linear from `start` x peak at epoch 0 to the peak at `warmup_epochs`, then half a cosine
+    from the peak down to `floor` x peak at `epochs` (and `floor` after). `start` and `floor` are
+    fractions of the peak lr, so the schedule scales with the batch like the peak does."""
+    if warmup_epochs > 0 and natural_epoch < warmup_epochs:
+        return start + (1.0 - start) * natural_epoch / warmup_epochs
+    return floor + (1.0 - floor) * half_cosine(natural_epoch, warmup_epochs, epochs)
+
+
+def half_cosine(natural_epoch: float, begin: float, end: float) -> float:
+    """1 at `begin` down to 0 at `end` along half a cosine (1 before, 0 after)."""
+    t = min(max(natural_epoch - begin, 0.0) / max(end - begin, 1e-9), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * t))
 
 
 def lr_at(cfg: Config, world_size: int, real_epoch: float) -> float:

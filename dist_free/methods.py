@@ -37,8 +37,9 @@ class _AttackTrainer(StepBase):
     """Trains on an attack computed fresh for each minibatch (no state carried across batches)."""
 
     def __init__(self, model, optimizer, *, eps: float, step_size: float, amp_dtype=None,
-                 scaler=None, loss_fn: LossFn | None = None):
-        super().__init__(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, loss_fn=loss_fn)
+                 scaler=None, loss_fn: LossFn | None = None, grad_clip: float | None = None):
+        super().__init__(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, loss_fn=loss_fn,
+                         grad_clip=grad_clip)
         if not eps > 0:
             raise ValueError(f"eps must be > 0 (pixel units, e.g. 4/255), got {eps}")
         if not step_size > 0:

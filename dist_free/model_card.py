@@ -7,11 +7,14 @@ end of a run and what `python -m dist_free.export` (dist_free/export.py) runs. O
     model_card.json    architecture, classes, input spec, mean/std, eps, recipe, accuracy with
                        its protocol, provenance (checkpoint sha256, commit), the files' sha256
     MODEL_CARD.md      the same for people, with the loader to paste
+    model_info.json    the figures in RobustBench's model-info layout (dist_free.model_info)
+
+The weights are the EMA's when the run kept one (optim.ema), else the trained model's.
 
 The keys fit nn.Sequential(torchvision.transforms.Normalize(mean, std), net): that Normalize
-holds no state, so a torchvision architecture loads with torch and torchvision alone, and the
-model still takes [0, 1] pixels, so eps and attacks stay in pixel units. The project's own
-architectures load with dist_free.models.from_checkpoint(OUT).
+holds no state, so a torchvision architecture loads with torch and torchvision alone (a timm one
+with timm.create_model), and the model still takes [0, 1] pixels, so eps and attacks stay in
+pixel units. The project's own architectures load with dist_free.models.from_checkpoint(OUT).
 
 Robust accuracy comes from `--report` (the JSON `python -m dist_free.evaluate` writes, which
 must name this checkpoint's sha256); without it the card shows the checkpoint's in-training PGD
@@ -32,13 +35,13 @@ from pathlib import Path
 import torch
 import torchvision
 
-from dist_free import atomic, checkpoint, environment, models
+from dist_free import atomic, checkpoint, environment, model_info, models, timm_models
 from dist_free.config import Config, ConfigError, config_from_dict
 from dist_free.report import eps_text, pct, protocol
 
 WEIGHTS, TORCH_WEIGHTS = models.EXPORT_WEIGHTS
 CARD_JSON, CARD_MD = models.CARD_FILE, "MODEL_CARD.md"
-EXPORT_FILES = (WEIGHTS, TORCH_WEIGHTS, CARD_JSON, CARD_MD)
+EXPORT_FILES = (WEIGHTS, TORCH_WEIGHTS, CARD_JSON, CARD_MD, model_info.FILE)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -120,6 +123,12 @@ def is_torchvision(name: str) -> bool:
         name in torchvision.models.list_models(torchvision.models)
 
 
+def architecture_source(name: str) -> str:
+    if timm_models.is_timm(name):
+        return "timm"
+    return "torchvision" if is_torchvision(name) else "dist_free"
+
+
 def input_spec(cfg: Config, model: torch.nn.Module) -> tuple[dict, dict]:
     d = cfg.data
     spec = {"layout": "NCHW float32", "range": [0.0, 1.0], "channels": "RGB",
@@ -145,10 +154,15 @@ def training_recipe(state: dict, cfg: Config) -> dict:
             "global_step": state.get("global_step"), "world_size": world,
             "batch_per_rank": cfg.data.batch_size, "global_batch": global_batch,
             "lr": o.lr, "lr_batch": o.lr_batch, "peak_lr": o.lr * global_batch / o.lr_batch,
-            "schedule": o.schedule, "milestones_natural": list(o.milestones), "gamma": o.gamma,
+            "schedule": o.schedule, "gamma": o.gamma,   # milestones: the step schedule's only
+            "milestones_natural": list(o.milestones) if o.schedule == "step" else None,
             "warmup_epochs_natural": o.warmup_epochs, "momentum": o.momentum,
             "weight_decay": o.weight_decay, "label_smoothing": o.label_smoothing,
-            "amp": cfg.run.amp, "config": json.loads(json.dumps(cfg.to_dict()))}
+            "amp": cfg.run.amp, "optimizer": o.name, "betas": list(o.betas),
+            "warmup_start": o.warmup_start, "lr_floor": o.lr_floor,
+            "clip_grad_norm": o.clip_grad_norm, "ema_decay": o.ema,
+            "weights": models.weights_source(state),
+            "config": json.loads(json.dumps(cfg.to_dict()))}
 
 
 def in_training_eval(state: dict, cfg: Config) -> dict:
@@ -161,14 +175,26 @@ def in_training_eval(state: dict, cfg: Config) -> dict:
     steps, restarts = ev.get("pgd_steps", cfg.eval.steps), ev.get("pgd_restarts", cfg.eval.restarts)
     eps = ev.get("eps", cfg.eval_eps)
     return {"source": "in_training", "final": False,
-            "label": f"PGD-{steps} in training, not AutoAttack; selected on the same val images "
-                     "(best.pt keeps the epoch with the best val PGD accuracy), so optimistic",
+            "label": f"PGD-{steps} in training, not AutoAttack; {selection_text(ev)}",
             "epoch": ev.get("epoch", state["epoch"]), "split": "val", "images": ev.get("samples"),
             "max_batches_per_rank": cfg.eval.max_batches, "dtype": f"run.amp={cfg.run.amp}",
             "clean": {"top1": ev.get("top1"), "top5": ev.get("top5")},
             "results": [{"attack": "pgd", "eps": eps, "steps": steps, "restarts": restarts,
                          "step_size": cfg.eval.step_size or 2.5 * eps / steps, "loss": "ce",
                          "robust_top1": ev["pgd"]}]}
+
+
+def selection_text(ev: dict) -> str:
+    """How best.pt was chosen, from the evaluation record itself (eval.holdout or not)."""
+    held = ev.get("holdout")
+    if ev.get("selected_on") == "holdout" and isinstance(held, dict):
+        return (f"best.pt keeps the epoch with the best PGD accuracy on {held.get('samples')} "
+                "held-out training images (never trained on); these val images took no part in "
+                "the selection")
+    if ev.get("selected_on") == "val":
+        return ("selected on the same val images (best.pt keeps the epoch with the best val "
+                "PGD accuracy), so optimistic")
+    return "the checkpoint does not record how it was selected"
 
 
 def report_eval(report: dict, path: Path | None) -> dict:
@@ -190,7 +216,8 @@ def build_card(src: Path, state: dict, cfg: Config, model, evaluation: dict, has
     return {
         "format": "dist-free model card", "format_version": 1,
         "architecture": cfg.model.name,
-        "architecture_source": "torchvision" if is_torchvision(cfg.model.name) else "dist_free",
+        "architecture_source": architecture_source(cfg.model.name),
+        "architecture_kwargs": dict(cfg.model.kwargs),
         "num_classes": cfg.model.num_classes, "class_to_idx": state.get("class_to_idx"),
         "input": spec, "normalization": norm,
         "threat_model": threat_model(cfg),
@@ -203,7 +230,9 @@ def build_card(src: Path, state: dict, cfg: Config, model, evaluation: dict, has
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}},
         "weights": {"keys": "the net's state_dict under '1.': nn.Sequential(Normalize(mean, std), "
-                            "net)", WEIGHTS: {"sha256": hashes[WEIGHTS]},
+                            "net)",
+                    "source": models.weights_source(state),
+                    WEIGHTS: {"sha256": hashes[WEIGHTS]},
                     TORCH_WEIGHTS: {"sha256": hashes[TORCH_WEIGHTS]}},
     }
 
@@ -211,23 +240,31 @@ def build_card(src: Path, state: dict, cfg: Config, model, evaluation: dict, has
 # ------------------------------------------------------------------ the card for people
 
 def loader_lines(card: dict) -> list[str]:
-    """The loader to paste: torchvision architectures need only torch and torchvision."""
-    name, n = card["architecture"], card["num_classes"]
-    if card["architecture_source"] != "torchvision":
+    """The loader to paste: torchvision architectures need only torch and torchvision, timm ones
+    timm as well."""
+    name, n, source = card["architecture"], card["num_classes"], card["architecture_source"]
+    if source not in ("torchvision", "timm"):
         return ["from dist_free.models import from_checkpoint",
                 'model = from_checkpoint(".")  # this folder; eval mode, normalisation inside']
     mean, std = (tuple(card["normalization"][k]) for k in ("mean", "std"))
     normalize = f"torchvision.transforms.Normalize({mean}, {std})"
-    return ["import torch, torchvision",
-            f"model = torch.nn.Sequential({normalize}, torchvision.models.{name}(num_classes={n}))",
+    if source == "timm":
+        args = "".join(f", {k}={v!r}" for k, v in (card.get("architecture_kwargs") or {}).items())
+        net = f"timm.create_model({timm_models.arch(name)!r}, num_classes={n}{args})"
+        imports = "import timm, torch, torchvision"
+    else:
+        net, imports = f"torchvision.models.{name}(num_classes={n})", "import torch, torchvision"
+    return [imports, f"model = torch.nn.Sequential({normalize}, {net})",
             'model.load_state_dict(torch.load("model.pt", weights_only=True)); model.eval()']
 
 
 def load_md(card: dict) -> list[str]:
-    if card["architecture_source"] != "torchvision":
+    source = card["architecture_source"]
+    if source not in ("torchvision", "timm"):
         return ["With dist_free installed, in this folder:", "",
                 "```python", *loader_lines(card), "```"]
-    return ["With torch and torchvision only, in this folder:", "",
+    only = "timm (with torch and torchvision)" if source == "timm" else "torch and torchvision"
+    return [f"With {only} only, in this folder:", "",
             "```python", *loader_lines(card), "```", "",
             ("`model.safetensors` holds the same state_dict "
              "(`safetensors.torch.load_file`); `dist_free.models.from_checkpoint(\".\")` "
@@ -279,18 +316,39 @@ def gradient_masking_md(gm: dict | None) -> list[str]:
     return ["", f"{gap}: no sign of gradient masking."]
 
 
+def schedule_text(t: dict) -> str:
+    """The lr schedule as it ran: milestones only for the step schedule."""
+    warm = t["warmup_epochs_natural"]
+    if t["schedule"] == "step":
+        return (f"step schedule: x {t['gamma']} at natural epochs {t['milestones_natural']}"
+                + (f", after {warm} warm-up epochs" if warm else ""))
+    if t["schedule"] == "warmup_cosine":
+        return (f"linear warm-up over {warm} natural epochs from "
+                f"{t.get('warmup_start', 0.0):g} x peak, then cosine to "
+                f"{t.get('lr_floor', 0.0):g} x peak")
+    return "cosine to 0" + (f" after {warm} warm-up epochs" if warm else "")
+
+
+def optimizer_text(t: dict) -> str:
+    name = t.get("optimizer", "sgd")
+    extra = f"betas {tuple(t['betas'])}" if name == "adamw" else f"momentum {t['momentum']}"
+    clip = t.get("clip_grad_norm")
+    return (f"{name}: lr {t['lr']} per {t['lr_batch']} images -> peak {t['peak_lr']:.4g} at "
+            f"global batch {t['global_batch']} ({t['world_size']} x {t['batch_per_rank']}); "
+            f"{schedule_text(t)}; {extra}, weight decay {t['weight_decay']}, label smoothing "
+            f"{t['label_smoothing']}" + (f", gradient norm clipped at {clip}" if clip else ""))
+
+
 def training_md(t: dict) -> list[str]:
     eps = "none (natural training)" if t["eps"] is None else eps_text(t["eps"])
     epochs = (f"{t['epochs_natural']} natural-training epochs = {t['epochs_real']} real epochs; "
               f"this checkpoint: {t['epochs_completed_real']} real "
               f"({t['epochs_completed_natural']} natural), step {t['global_step']}")
-    sgd = (f"lr {t['lr']} per {t['lr_batch']} images -> peak {t['peak_lr']:.4g} at global batch "
-           f"{t['global_batch']} ({t['world_size']} x {t['batch_per_rank']}); {t['schedule']} "
-           f"schedule (milestones {t['milestones_natural']}, warm-up "
-           f"{t['warmup_epochs_natural']}); momentum {t['momentum']}, weight decay "
-           f"{t['weight_decay']}")
+    weights = (f"the EMA of the weights (decay {t['ema_decay']} per optimizer step)"
+               if t.get("weights") == "ema" else "the trained weights (no EMA)")
     return [f"- method: {t['method']}, replays m = {t['replays']}, training eps {eps} (L-inf)",
-            f"- epochs: {epochs}", f"- SGD: {sgd}",
+            f"- epochs: {epochs}", f"- optimizer: {optimizer_text(t)}",
+            f"- exported weights: {weights}",
             "- the resolved config: `training.config` in model_card.json"]
 
 
@@ -394,10 +452,11 @@ def export_checkpoint(checkpoint_path, out_dir, report: Path | dict | None = Non
                          None if isinstance(report, dict) else Path(report))
     else:
         ev = in_training_eval(state, cfg)
-    files = weight_files(models.export_state_dict(model.state_dict()),
+    files = weight_files(models.export_state_dict(model.state_dict()),   # the EMA's, if kept
                          {"architecture": cfg.model.name, "num_classes": str(cfg.model.num_classes)})
     hashes.update({n: hashlib.sha256(files[n]).hexdigest() for n in (WEIGHTS, TORCH_WEIGHTS)})
     card = build_card(src, state, cfg, model, ev, hashes)
     files[CARD_JSON] = (json.dumps(card, indent=2) + "\n").encode()
     files[CARD_MD] = render_markdown(card).encode()
+    files[model_info.FILE] = (json.dumps(model_info.robustbench_info(card), indent=2) + "\n").encode()
     return write_folder(out, files, force)

@@ -8,6 +8,8 @@ pixel units, exactly as the paper states them.
 - CIFAR-size nets: preact_resnet18, wrn32_10 (the paper's CIFAR WideResNet 32-10, = WRN-34-10),
   wrn28_10, wrn16_4.
 - small_cnn: a few-layer CNN for the digits demo and tests.
+- timm architectures as "timm/<name>" (ConvNeXt, ViT/DeiT, Swin, XCiT, ...), with their
+  arguments (img_size, patch_size, drop_path_rate): see dist_free.timm_models.
 
 `from_checkpoint(path)` rebuilds a trained model from a training checkpoint or from an export
 (`python -m dist_free.export`), whose weights load without unpickling anything.
@@ -23,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from dist_free import timm_models
 from dist_free.checkpoint import CheckpointError, load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -118,9 +121,14 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, num_classes: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                channels_last: bool = False) -> NormalizedModel:
-    """Weights are initialised fresh (nothing is downloaded)."""
-    if name in SMALL_MODELS:
+                channels_last: bool = False, kwargs: dict | None = None) -> NormalizedModel:
+    """Weights are initialised fresh (nothing is downloaded). `kwargs`: a timm architecture's
+    arguments (only timm names take any)."""
+    if timm_models.is_timm(name):
+        net = timm_models.create_net(name, num_classes, kwargs)
+    elif kwargs:
+        raise ValueError(f"{name!r} takes no architecture arguments (got {kwargs})")
+    elif name in SMALL_MODELS:
         net = SMALL_MODELS[name](num_classes)
     elif name in torchvision.models.list_models(torchvision.models):
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
@@ -177,9 +185,22 @@ def from_training_state(state: dict, path) -> NormalizedModel:
     if "name" not in model_cfg or "num_classes" not in model_cfg:
         raise CheckpointError(f"{path} has no config.model.name/num_classes: not a training "
                               "checkpoint")
-    model = _build(path, model_cfg["name"], model_cfg["num_classes"], {})
-    _fit(path, model, state["model"], model_cfg["name"], model_cfg["num_classes"])
+    model = _build(path, model_cfg["name"], model_cfg["num_classes"], {},
+                   model_cfg.get("kwargs") or {})
+    _fit(path, model, eval_weights(state), model_cfg["name"], model_cfg["num_classes"])
     return model
+
+
+def eval_weights(state: dict) -> dict:
+    """The weights a checkpoint is evaluated and exported with: the EMA's when the run kept one
+    (optim.ema), else the trained model's."""
+    return state["ema"]["model"] if weights_source(state) == "ema" else state["model"]
+
+
+def weights_source(state: dict) -> str:
+    """Which weights `eval_weights` picks: "ema" or "model"."""
+    ema = state.get("ema")
+    return "ema" if isinstance(ema, dict) and isinstance(ema.get("model"), dict) else "model"
 
 
 def _from_export(weights) -> NormalizedModel:
@@ -189,12 +210,13 @@ def _from_export(weights) -> NormalizedModel:
         card = json.loads(card_path.read_text())
         name, num_classes = card["architecture"], card["num_classes"]
         norm = {k: tuple(card["normalization"][k]) for k in ("mean", "std")}
+        kwargs = dict(card.get("architecture_kwargs") or {})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{card_path}: not a readable dist-free model card "
                               f"({type(e).__name__}: {e})") from None
     state = _read_weights(weights)
     net_state = {k[len(EXPORT_PREFIX):]: v for k, v in state.items() if k.startswith(EXPORT_PREFIX)}
-    model = _build(weights, name, num_classes, norm)
+    model = _build(weights, name, num_classes, norm, kwargs)
     _fit(weights, model.net, net_state, name, num_classes)
     return model
 
@@ -214,10 +236,13 @@ def _read_weights(path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _build(path, name: str, num_classes: int, norm: dict) -> NormalizedModel:
+def _build(path, name: str, num_classes: int, norm: dict, kwargs: dict | None = None
+           ) -> NormalizedModel:
     try:
-        return build_model(name, num_classes, **norm)
-    except ValueError:
+        return build_model(name, num_classes, **norm, kwargs=kwargs)
+    except ValueError as e:
+        if timm_models.is_timm(name):
+            raise CheckpointError(f"{path}: cannot build architecture {name!r}: {e}") from None
         raise CheckpointError(f"{path}: unknown architecture {name!r} (the names "
                               "dist_free.models.available_models() lists)") from None
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pipelines
-from dist_free import precision
+from dist_free import optim, precision, timm_models
 from dist_free.config import Config, ConfigError
 from dist_free.distributed import DistInfo
+from dist_free.ema import ModelEMA
 from dist_free.lr_schedule import base_lr
 from dist_free.methods import METHODS
 from dist_free.models import build_model
@@ -40,8 +41,33 @@ def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None
 
 
 def build_bare_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    return build_model(cfg.model.name, cfg.model.num_classes,
-                       channels_last=cfg.model.channels_last).to(device)
+    return build_model(cfg.model.name, cfg.model.num_classes, channels_last=cfg.model.channels_last,
+                       kwargs=cfg.model.kwargs).to(device)
+
+
+def check_model(cfg: Config) -> None:
+    """A timm name or argument timm does not know is a config error, found before any worker
+    joins a process group (the net is built on the meta device: no memory, no compute)."""
+    if timm_models.is_timm(cfg.model.name):
+        try:
+            timm_models.check_buildable(cfg.model.name, cfg.model.num_classes, cfg.model.kwargs)
+        except ValueError as e:
+            raise ConfigError(f"model.name/model.kwargs: {e}") from None
+
+
+def apply_init(cfg: Config, model: torch.nn.Module) -> None:
+    """model.init: a fresh run starts from a local safetensors file, every key and shape checked
+    first (a mismatch is a config error naming the tensors)."""
+    if cfg.model.init:
+        try:
+            timm_models.load_init(getattr(model, "net", model), cfg.model.init)
+        except timm_models.InitError as e:
+            raise ConfigError(str(e)) from None
+
+
+def build_ema(cfg: Config, model: torch.nn.Module) -> ModelEMA | None:
+    """The EMA of the bare model when optim.ema is set (after model.init, before training)."""
+    return ModelEMA(model, cfg.optim.ema) if cfg.optim.ema else None
 
 
 def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
@@ -79,13 +105,16 @@ def build_method(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
                  d: DistInfo, amp_dtype: torch.dtype | None) -> StepBase:
     """The configured training method around the wrapped (DDP/compiled) model."""
     return METHODS[cfg.method.name](wrap(cfg, model, d), optimizer, amp_dtype=amp_dtype,
-                                    loss_fn=loss_fn(cfg), **method_options(cfg))
+                                    loss_fn=loss_fn(cfg), grad_clip=cfg.optim.clip_grad_norm,
+                                    **method_options(cfg))
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.SGD:
+def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """optim.name sgd|adamw at the scaled lr; see dist_free.optim for the weight-decay groups."""
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    on_gpu = params[0].is_cuda
-    return torch.optim.SGD(params, lr=base_lr(cfg, world_size), momentum=o.momentum,
-                           weight_decay=o.weight_decay, nesterov=o.nesterov,
-                           fused=True if on_gpu else None)   # one kernel for all parameters
+    # timm's names are relative to the net; dist_free.optim matches them as name suffixes.
+    exempt = timm_models.no_weight_decay_names(getattr(model, "net", model))
+    return optim.build_optimizer(model, name=o.name, lr=base_lr(cfg, world_size),
+                                 weight_decay=o.weight_decay, momentum=o.momentum,
+                                 nesterov=o.nesterov, betas=o.betas, wd_exempt=o.wd_exempt,
+                                 exempt_names=exempt)

@@ -1,4 +1,5 @@
-"""What every training method shares: mixed precision, the optimizer step, input checks, stats.
+"""What every training method shares: mixed precision, the optimizer step (with optional gradient
+clipping, dist_free.optim), input checks, stats.
 
 A method (free, natural, PGD, fast-FGSM) subclasses `StepBase` and implements `train_step`. The
 base keeps the hot path free of host-device syncs: statistics stay on the device in a `StepStats`
@@ -11,6 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from dist_free.optim import clip_gradients
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -65,7 +68,8 @@ class StepBase:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: LossFn | None = None, grad_clip: float | None = None):
+        """grad_clip: bound on the weight gradient's global L2 norm (dist_free.optim)."""
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
         if scaler is not None and amp_dtype is None:
@@ -79,6 +83,9 @@ class StepBase:
             scaler = torch.amp.GradScaler(self.device.type)
         self.scaler = scaler
         self.loss_fn = loss_fn or F.cross_entropy
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        self.grad_clip = grad_clip
         # Model inputs are fp32 pixels under any autocast dtype: autocast casts them inside the
         # model, after Normalize. Rounding an adversarial input to bf16 first could move it out of
         # the eps-ball (see dist_free.linf), and it would save nothing: Normalize's fp32 mean and
@@ -108,6 +115,8 @@ class StepBase:
 
     def optimizer_step(self) -> torch.Tensor:
         """Step the weights; return the scaler's non-finite flag (0 when there is no scaler)."""
+        if self.grad_clip is not None:
+            clip_gradients(self.optimizer, self.grad_clip, self.scaler)
         if self.scaler is None:
             self.optimizer.step()
             return self._no_inf

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pipelines
-from dist_free import checkpoint, distributed, job_stop
+from dist_free import checkpoint, distributed, job_stop, runtime
 from dist_free.config import ConfigError, load_config
 from dist_free.loop import Hooks, Run, fit
 from dist_free.tracking.uri import TrackingConfigError, check_uri
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)   # before any process-group work
+        runtime.check_model(cfg)                          # a timm name/argument timm lacks
         if cfg.tracking.enabled:     # a password must not reach config.yaml, params or logs
             check_uri(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
     except ConfigError as e:

@@ -55,24 +55,26 @@ class _StopMidBatch(Exception):
     """This rank was asked to stop during an attack (raised at its next forward)."""
 
 
-def pgd_accuracy(run, loader, *, steps: int, restarts: int, max_batches: int | None) -> dict:
-    """Clean and PGD accuracy of the bare model on `loader`, with rank 0's BatchNorm statistics
-    (each rank's running stats drift apart between DDP's broadcasts).
+def pgd_accuracy(run, loader, *, steps: int, restarts: int, max_batches: int | None,
+                 model=None) -> dict:
+    """Clean and PGD accuracy of the bare model (or `model`) on `loader`, with rank 0's
+    BatchNorm statistics (each rank's running stats drift apart between DDP's broadcasts).
 
     One batch of a long attack can take longer than a grace period on a loaded machine, so a
     rank asked to stop also leaves mid-batch, at its next forward; it then meets the other
     ranks at their next between-batch check with a stop vote, so every rank stops alike."""
     cfg = run.cfg
-    distributed.broadcast_buffers(run.model)
+    model = run.model if model is None else model
+    distributed.broadcast_buffers(model)
     batches = stop_checked(loader, lambda: run.preemption.requested, run.d.device, max_batches)
 
     def check(module, args):
         if run.preemption.requested:
             raise _StopMidBatch
 
-    hook = run.model.register_forward_pre_hook(check)
+    hook = model.register_forward_pre_hook(check)
     try:
-        return evaluate(run.model, batches, eps_values=[cfg.eval_eps], steps=steps,
+        return evaluate(model, batches, eps_values=[cfg.eval_eps], steps=steps,
                         step_size=cfg.eval.step_size, restarts=restarts,
                         amp_dtype=precision.attack_dtype(cfg.eval.amp))
     except _StopMidBatch:
@@ -84,9 +86,12 @@ def pgd_accuracy(run, loader, *, steps: int, restarts: int, max_batches: int | N
 
 
 def epoch_report(run) -> dict:
-    """PGD evaluation on val (reported) and on the holdout (selection), with its protocol."""
+    """PGD evaluation on val (reported) and on the holdout (selection), with its protocol; of
+    the EMA weights when the run keeps them (optim.ema): those are what best.pt ships."""
     cfg, start = run.cfg, time.perf_counter()
-    kw = dict(steps=cfg.eval.steps, restarts=cfg.eval.restarts, max_batches=cfg.eval.max_batches)
+    ema = getattr(run, "ema", None)
+    kw = dict(steps=cfg.eval.steps, restarts=cfg.eval.restarts, max_batches=cfg.eval.max_batches,
+              model=ema.module if ema is not None else None)
     val = pgd_accuracy(run, run.val_loader, **kw)
     held = pgd_accuracy(run, run.holdout_loader, **kw) if run.holdout_loader else None
     chosen = held or val
@@ -98,6 +103,7 @@ def epoch_report(run) -> dict:
             "holdout": None if held is None else {"samples": held["samples"], "top1": held["top1"],
                                                   "pgd": held["pgd"][eps]},
             "selected_on": "holdout" if held else "val", "selection_metric": chosen["pgd"][eps],
+            "weights": "ema" if ema is not None else "model",
             "seconds": time.perf_counter() - start}
 
 

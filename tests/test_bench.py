@@ -115,6 +115,18 @@ def test_quick_targets_are_judged_against_the_goal_they_state(quick_run):
         assert t["met"] == goal_met(t["target"], t["measured"]), (name, t)
 
 
+def test_step_table_has_a_convnext_and_a_vit_row(quick_run):
+    table, r, _ = quick_run
+    archs = r["step"]["architectures"]
+    assert archs["ConvNeXt"]["fp32"]["model"] == "timm/convnext_atto"
+    assert archs["ViT"]["fp32"]["model"] == "timm/vit_tiny_patch16_224"
+    for row in (archs["ConvNeXt"]["fp32"], archs["ViT"]["fp32"]):
+        assert row["seconds"]["natural_step"]["median"] > 0 and row["params"] > 0
+        t = row["targets"]["free_replay_vs_natural"]
+        assert t["met"] == (t["measured"] <= 1.05)
+    assert "| ConvNeXt: timm/convnext_atto |" in table and "| ViT: timm/vit_tiny_patch16_224 (" in table
+
+
 def test_free_buffer_adds_no_ddp_communication(quick_run):
     """At world size 2 DDP all-reduces the parameter gradients once per replay, nothing more:
     the per-rank perturbation never travels, so free and natural send the same bytes per pass."""

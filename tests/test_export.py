@@ -37,7 +37,8 @@ def make_checkpoint(path: Path, name="small_cnn", size=16, mean=None, std=None) 
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     evaluation = {"epoch": 1, "global_step": 2, "samples": 96, "top1": 0.5, "top5": 1.0,
-                  "pgd": 0.25, "eps": 4 / 255, "pgd_steps": 10, "pgd_restarts": 1}
+                  "pgd": 0.25, "eps": 4 / 255, "pgd_steps": 10, "pgd_restarts": 1,
+                  "selected_on": "val", "holdout": None}
     return checkpoint.save_atomic(
         {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1, "global_step": 2,
          "eval": evaluation, "class_to_idx": CLASSES, "world_size": 2, "best_pgd": 0.25}, path)

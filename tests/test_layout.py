@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The engine: the algorithm, its baselines, the attacks, the models. It knows nothing of input
 # pipelines, MLflow or the config file: the trainer wires those to it.
-ENGINE = ["free.py", "linf.py", "methods.py", "step_base.py", "attacks.py", "models.py"]
+ENGINE = ["free.py", "linf.py", "methods.py", "step_base.py", "attacks.py", "models.py",
+          "timm_models.py", "optim.py", "ema.py"]
 FORBIDDEN = ("pipelines", "mlflow", "dist_free.config", "dist_free.tracking", "nvidia",
              "dist_free.runtime", "dist_free.loop", "dist_free.train")
 
@@ -38,9 +39,9 @@ def test_engine_modules_import_neither_pipelines_nor_mlflow_nor_the_config(name)
 CLI = ("dist_free.evaluate", "dist_free.train", "dist_free.data", "dist_free.export",
        "dist_free.bench")
 LIBRARY = ENGINE + ["loop.py", "validation.py", "runtime.py", "robust_eval.py", "report.py",
-                    "model_card.py", "lr_schedule.py", "progress.py", "atomic.py", "precision.py",
-                    "checkpoint.py", "config.py", "distributed.py", "environment.py",
-                    "autoattack.py"]
+                    "model_card.py", "model_info.py", "lr_schedule.py", "progress.py", "atomic.py",
+                    "precision.py", "checkpoint.py", "config.py", "distributed.py",
+                    "environment.py", "autoattack.py"]
 
 
 @pytest.mark.parametrize("name", LIBRARY)

@@ -5,17 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from dist_free import lr_schedule
+from dist_free import lr_schedule, runtime
 from dist_free.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
 FREE = [p for p in IMAGENET if p.name.startswith("free_m4_")]
+# ConvNeXt and ViT presets: ARES's AdamW recipe (see each file's sources), trained free.
+TIMM = [p for p in IMAGENET if load_config(p).model.name.startswith("timm/")]
+RESNET = [p for p in IMAGENET if p not in TIMM]
 
 
 @pytest.mark.parametrize("world_size", [1, 4, 8])
-@pytest.mark.parametrize("preset", IMAGENET, ids=lambda p: p.stem)
-def test_every_imagenet_preset_trains_at_a_global_batch_of_256_and_lr_0_1(preset, world_size):
+@pytest.mark.parametrize("preset", RESNET, ids=lambda p: p.stem)
+def test_every_resnet_preset_trains_at_a_global_batch_of_256_and_lr_0_1(preset, world_size):
     cfg = load_config(preset)
     assert cfg.per_rank_batch(world_size) * world_size == 256
     assert lr_schedule.base_lr(cfg, world_size) == pytest.approx(0.1)
@@ -45,3 +48,39 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_a_clear_error():
     cfg = load_config(None, ["data.global_batch=256"])
     with pytest.raises(ConfigError, match="data.global_batch=256 does not split evenly over 3"):
         cfg.per_rank_batch(3)
+
+
+def test_there_are_convnext_and_vit_presets():
+    names = {load_config(p).model.name for p in TIMM}
+    assert {"timm/convnext_tiny", "timm/vit_small_patch16_224"} <= names
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("preset", TIMM, ids=lambda p: p.stem)
+def test_timm_presets_follow_the_ares_schedule_trained_free(preset, world_size):
+    """ARES: AdamW at 5e-4 per 512 images, 5 warm-up epochs from 1e-6, cosine to 1e-5 over 300
+    epochs, label smoothing 0.1, EMA 0.9998; here free with m = 4: 75 real epochs."""
+    cfg = load_config(preset)
+    o, m = cfg.optim, cfg.method
+    assert (m.name, m.replays, m.eps, m.step_size) == ("free", 4, pytest.approx(4 / 255), None)
+    assert (o.name, o.weight_decay, o.label_smoothing, o.ema) == ("adamw", 0.05, 0.1, 0.9998)
+    assert o.wd_exempt is True and o.clip_grad_norm is None
+    assert cfg.per_rank_batch(world_size) * world_size == 512 and cfg.real_epochs == 75
+    def lr(real_epoch):      # the trainer's lr at a point given in real epochs
+        return lr_schedule.lr_at(cfg, world_size, real_epoch)
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(5 / 4) == pytest.approx(5e-4)                  # 5 natural warm-up epochs
+    assert lr(0.5 * 5 / 4) == pytest.approx((1e-6 + 5e-4) / 2)
+    assert lr(75) == pytest.approx(1e-5)
+    mid = 5 / 4 + (75 - 5 / 4) / 2
+    assert lr(mid) == pytest.approx((5e-4 + 1e-5) / 2)
+    text = preset.read_text()
+    assert "OURS, NOT PUBLISHED" in text
+    for source in ("ARES", "Singh", "Debenedetti"):
+        assert source in text, source
+
+
+@pytest.mark.parametrize("preset", TIMM, ids=lambda p: p.stem)
+def test_timm_presets_name_architectures_timm_builds(preset):
+    """On the meta device: no memory, no download; an unknown name or argument would fail."""
+    runtime.check_model(load_config(preset))

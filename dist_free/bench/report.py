@@ -49,7 +49,26 @@ def step_lines(step: dict) -> list[str]:
              f"free m={first['replays']}; median [min-max] of {first['repeats']} interleaved rounds")
     return [title, ""] + table(
         ["dtype", "natural step ms", "free replay / natural", "PGD-7 / natural", "FGSM-RS / natural",
-         "input-grad extra ms", "update ms", "optimizer step ms"], rows)
+         "input-grad extra ms", "update ms", "optimizer step ms"], rows) + arch_lines(
+        step.get("architectures") or {})
+
+
+def arch_lines(archs: dict) -> list[str]:
+    """The timm rows: a free replay against a natural step on ConvNeXt and ViT."""
+    rows = []
+    for label, by_dtype in archs.items():
+        for dtype, s in by_dtype.items():
+            kw = ", ".join(f"{k}={v}" for k, v in s["kwargs"].items())
+            rows.append([f"{label}: {s['model']}" + (f" ({kw})" if kw else ""),
+                         f"{s['params'] / 1e6:.3g} M", f"{s['image_size']} px, batch {s['batch']}",
+                         dtype, spread(s["seconds"]["natural_step"], 1e3),
+                         spread(s["ratios"]["free_replay/natural_step"]) +
+                         f" ({verdict(s['targets']['free_replay_vs_natural'])})"])
+    if not rows:
+        return []
+    return ["", "Modern architectures (timm; channels_last for ConvNeXt only):", ""] + table(
+        ["architecture", "params", "input", "dtype", "natural step ms", "free replay / natural"],
+        rows)
 
 
 def update_lines(u: dict) -> list[str]:

@@ -5,7 +5,8 @@
     python -m dist_free.bench --parts step,update --model resnet50 --image-size 224 --batch 64
     python -m dist_free.bench --results-md bench/RESULTS.md   # also refresh this device's table
 
-Parts: step (free replay vs natural, PGD-7, FGSM-RS; the replay broken down), floor (the replay
+Parts: step (free replay vs natural, PGD-7, FGSM-RS; the replay broken down; a free replay vs a
+natural step on a timm ConvNeXt and a timm ViT), floor (the replay
 against its floor: natural step + input gradient + fused update, to 1%), update (fused vs eager
 perturbation update vs a plain copy), pipeline (DALI vs the torchvision DataLoader on real JPEGs),
 e2e (free training on JPEGs vs the synthetic source), reference (our trainer vs a restatement of
@@ -63,6 +64,8 @@ class BenchConfig:
     scaling: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     threads: int = 0
+    # The step table's architecture rows: timm models, free replay vs natural step.
+    architectures: list[dict] = field(default_factory=list)
 
 
 # The demo's model and evaluation settings (configs/demo.yaml): small_cnn, 10 classes, 32 px,
@@ -71,22 +74,39 @@ DEMO_EVAL = dict(model="small_cnn", image_size=32, batch=64, classes=10, eps=8 /
                  pgd_restarts=1, aa_batch_never=16, rounds=3)
 
 
+def arch_rows(convnext: str, vit: str, image_size: int, batch: int, vit_kwargs: dict,
+              convnext_kwargs: dict | None = None) -> list[dict]:
+    return [dict(label="ConvNeXt", model=f"timm/{convnext}", image_size=image_size, batch=batch,
+                 channels_last=True, kwargs=convnext_kwargs or {}),
+            dict(label="ViT", model=f"timm/{vit}", image_size=image_size, batch=batch,
+                 channels_last=False, kwargs=vit_kwargs)]
+
+
 def cuda_defaults() -> dict:
     return dict(model="resnet50", image_size=224, batch=256, dtypes=["bf16"], channels_last=True,
+                architectures=arch_rows("convnext_tiny", "vit_small_patch16_224", 224, 128, {}),
                 jpegs=4096, e2e_batches=30, floor_rounds=100,
                 scaling=dict(model="resnet50", image_size=224, batch=128, threads=4, rounds=5),
                 eval=dict(DEMO_EVAL, batch=256, aa_batch_never=64))
 
 
 def cpu_defaults() -> dict:
+    # ConvNeXt-T and ViT-S/16 themselves, at the ResNet-18 row's 112 px and batch 32.
     return dict(model="resnet18", image_size=112, batch=32, dtypes=["fp32", "bf16"],
                 channels_last=False, e2e_batches=4, floor_rounds=150,
+                architectures=arch_rows("convnext_tiny", "vit_small_patch16_224", 112, 32,
+                                        {"img_size": 112}),
                 scaling=dict(model="small_cnn", image_size=32, batch=64, threads=1, rounds=9),
                 eval=dict(DEMO_EVAL))
 
 
 def quick_defaults() -> dict:
     return dict(model="small_cnn", image_size=32, batch=8, dtypes=["fp32"], channels_last=False,
+                # A smoke test of the rows: one block per stage, one transformer block.
+                architectures=arch_rows("convnext_atto", "vit_tiny_patch16_224", 32, 4,
+                                        {"img_size": 32, "patch_size": 8, "depth": 1,
+                                         "embed_dim": 48, "num_heads": 2},
+                                        {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}),
                 repeats=1, update_shape=[8, 3, 32, 32], jpegs=24, e2e_batches=2, floor_rounds=2,
                 reference=dict(batches=2, rounds=1),
                 scaling=dict(model="small_cnn", image_size=32, batch=8, threads=1, rounds=1),
@@ -143,9 +163,16 @@ def environment_record(device: torch.device) -> dict:
 # ---------------------------------------------------------------- sections
 
 def part_step(cfg: BenchConfig, device, _workdir) -> dict:
-    return {dtype: timing.step_cost(cfg.model, cfg.image_size, cfg.batch, dtype, device,
+    rows = {dtype: timing.step_cost(cfg.model, cfg.image_size, cfg.batch, dtype, device,
                                     cfg.channels_last, cfg.replays, cfg.repeats)
             for dtype in cfg.dtypes}
+    rows["architectures"] = {
+        a["label"]: {dtype: timing.arch_step_cost(a["model"], a["image_size"], a["batch"], dtype,
+                                                  device, a["channels_last"], cfg.replays,
+                                                  cfg.repeats, kwargs=a["kwargs"])
+                     for dtype in cfg.dtypes}
+        for a in cfg.architectures}
+    return rows
 
 
 def part_floor(cfg: BenchConfig, device, _workdir) -> dict:

@@ -194,6 +194,31 @@ def step_cost(model_name: str, image_size: int, batch: int, dtype: str, device: 
                                                      1.7 <= r["fgsm_rs_step"] <= 2.3)}}
 
 
+def arch_step_cost(model_name: str, image_size: int, batch: int, dtype: str, device: torch.device,
+                   channels_last: bool, replays: int, repeats: int, kwargs: dict | None = None,
+                   eps: float = 4 / 255) -> dict:
+    """The step table's architecture rows (timm ConvNeXt, ViT): a free replay against a natural
+    step on the same model and optimizer, interleaved; the ratio is the portable figure."""
+    model = build_model(model_name, 1000, channels_last=channels_last,
+                        kwargs=kwargs).to(device).train()
+    images, labels = make_batch(batch, image_size, 1000, device, channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    natural = build_method("natural", model, opt, amp_dtype=DTYPES[dtype])
+    free = build_method("free", model, opt, eps=eps, replays=replays, amp_dtype=DTYPES[dtype])
+    variants = {"natural_step": Variant(lambda: natural.train_step(images, labels)),
+                "free_replay": Variant(lambda: free.train_step(images, labels), units=replays)}
+    samples = interleaved(variants, device, repeats, rotate=True)
+    ratio = paired_spread(samples, "free_replay", "natural_step")
+    return {"model": model_name, "kwargs": dict(kwargs or {}), "image_size": image_size,
+            "batch": batch, "dtype": dtype, "channels_last": channels_last, "replays": replays,
+            "repeats": repeats, "params": sum(p.numel() for p in model.parameters()),
+            "seconds": {name: summary(s) for name, s in samples.items()},
+            "ratios": {"free_replay/natural_step": ratio},
+            "images_per_s_natural": batch / summary(samples["natural_step"])["median"],
+            "targets": {"free_replay_vs_natural": target(ratio["median"], "<= 1.05",
+                                                         ratio["median"] <= 1.05)}}
+
+
 # ---------------------------------------------------------------- replay vs its floor
 
 def floor_pass(natural, images, labels, delta, x_adv, eps: float) -> None:
