@@ -76,11 +76,14 @@ class Uploader:
         """An uploader for a journal an earlier session left; `uri` overrides its header's."""
         header, header_end = read_header(paths.log)
         ack = read_ack(paths.ack, header, header_end)
+        # A session that never reached MLflow has no run; its items belong to the run the live
+        # session continues (the same training run), not to a second run made for them.
+        run_id = ack.run_id or header.get("run_id") or kw.get("live_run_id")
         try:
             target = RunTarget(uri=uri or header["uri"], experiment=header["experiment"],
                                run_name=header["run_name"], start_ms=int(header["start_ms"]),
                                artifact_location=header.get("artifact_location"),
-                               run_id=ack.run_id)
+                               run_id=run_id)
         except (KeyError, TypeError, ValueError) as exc:
             raise JournalError(f"run header lacks or garbles {exc}") from None
         if not isinstance(target.uri, str) or not target.uri:
