@@ -70,7 +70,7 @@ def test_flatten_joins_nested_keys_with_dots():
         "a.b": 1, "a.c.d": [1, 2], "e": "f"}
 
 
-def test_other_ranks_and_disabled_tracking_get_a_null_tracker(tmp_path, store):
+def test_ranks_other_than_0_or_disabled_tracking_get_a_null_tracker(tmp_path, store):
     uri = f"sqlite:///{tmp_path / 'never.db'}"
     for rank, enabled in ((1, True), (0, False)):
         tracker = build_tracker(enabled=enabled, uri=uri, experiment="e", run_name="r",
@@ -81,7 +81,7 @@ def test_other_ranks_and_disabled_tracking_get_a_null_tracker(tmp_path, store):
     assert not (tmp_path / "never.db").exists()
 
 
-def test_environment_tags_name_commit_versions_devices_and_command():
+def test_environment_tags_describe_the_runs_environment():
     tags = environment_tags(world_size=4)
     assert tags["world_size"] == "4"
     assert tags["version.torch"] == torch.__version__
@@ -90,7 +90,7 @@ def test_environment_tags_name_commit_versions_devices_and_command():
     assert "pytest" in tags["launch.command"]  # the command that started this process
 
 
-def test_without_a_uri_runs_go_to_mlflow_db_and_mlartifacts_in_the_working_dir(
+def test_without_a_uri_runs_go_to_the_embedded_store_in_the_working_dir(
         tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -112,7 +112,7 @@ def test_mlflow_tracking_uri_env_is_used_when_no_uri_is_given(tmp_path, store, m
     assert MlflowClient(store[0]).get_run(tracker.run_id).info.status == "FINISHED"
 
 
-def test_run_holds_params_metrics_artifacts_and_the_model_folder(tmp_path, store):
+def test_the_run_holds_everything_logged(tmp_path, store):
     (tmp_path / "config.yaml").write_text("model:\n  arch: resnet50\n")
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "best.pt").write_bytes(b"weights")
@@ -189,7 +189,7 @@ def test_close_with_failed_or_killed_is_the_runs_end_status(tmp_path, store, sta
     assert run.info.status == status and run.info.end_time is not None
 
 
-def test_a_rejected_item_is_kept_and_does_not_hold_back_the_rest(tmp_path, store, caplog):
+def test_a_rejected_item_stays_in_the_journal_without_holding_back_the_rest(tmp_path, store, caplog):
     tracker = make_tracker(store, tmp_path, "rejected")
     tracker.log_artifact(tmp_path / "deleted.pt")
     tracker.log_metrics({"loss": 0.5}, step=7)
