@@ -1,9 +1,12 @@
-"""A real `mlflow server` on a loopback port, started and killed by the tests."""
+"""A real `mlflow server` on a loopback port, started and killed by the tests; and a server that
+holds every request it gets without answering, until the test lets go."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -53,3 +56,43 @@ def server_processes(root: Path, port: int):
     finally:
         for proc in started:
             stop(proc)
+
+
+@contextmanager
+def held_server():
+    """Yields (uri, held): a tracking URI whose server accepts each connection and never answers
+    while the block runs, and an Event set once the first request is being held. Leaving the
+    block closes every held connection, so a client stuck in a request fails then."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.1)
+    held, conns, done = threading.Event(), [], threading.Event()
+
+    def accept():
+        while not done.is_set():
+            try:
+                conns.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            held.set()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", held
+    finally:
+        done.set()
+        thread.join(5)
+        for conn in conns:
+            conn.close()
+        listener.close()
+
+
+def finishes_within(seconds: float, call) -> bool:
+    """Run call() in a thread; True if it returned within `seconds` (it may still be running)."""
+    returned = threading.Event()
+    threading.Thread(target=lambda: (call(), returned.set()), daemon=True).start()
+    return returned.wait(seconds)

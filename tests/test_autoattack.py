@@ -125,7 +125,7 @@ def run_evaluate(launcher, ckpt, out, *args):
 
 
 @pytest.mark.slow
-def test_two_ranks_give_exactly_one_ranks_autoattack_and_pgd_counts(digits_checkpoint, tmp_path):
+def test_two_ranks_give_exactly_one_ranks_counts_for_every_attack(digits_checkpoint, tmp_path):
     """24 images in 2 batches of 12: one rank attacks both, two ranks one each; every batch has
     its own APGD, FAB and Square random draws, yet the counts must match one rank's exactly."""
     args = ["--attack", "pgd,autoattack", "--subset", "24", "--steps", "10", "--restarts", "2"]

@@ -146,11 +146,14 @@ def test_image_gives_torchrun_a_shutdown_grace_beyond_the_trainer_stop(stages):
     assert grace > TRAINER_STOP_S
 
 
-def test_data_and_runs_are_volumes_and_the_workdir_is_the_runs_volume(stages):
+def test_the_image_declares_a_volume_for_each_folder_its_command_uses(stages):
     volumes = [v for i, a in final_stage(stages) if i == "VOLUME" for v in exec_form(a)]
     assert {"/data", "/runs"} <= set(volumes)
     cmd = dockerfile_cmd(stages)
     assert "data.root=/data" in cmd and "run.dir=/runs" in cmd
+
+
+def test_the_workdir_is_the_runs_volume(stages):
     # Relative fallbacks (the sqlite:///mlflow.db tracking default, mlruns/) must persist.
     workdirs = [a for i, a in final_stage(stages) if i == "WORKDIR"]
     assert workdirs[-1] == "/runs"
@@ -197,7 +200,7 @@ def test_pyproject_requirements_names_the_file_when_dependencies_are_missing(tmp
     bad.write_text('[project]\nname = "x"\n')
     proc = subprocess.run([sys.executable, str(REPO / "docker/pyproject_requirements.py"),
                            str(bad)], capture_output=True, text=True)
-    assert proc.returncode != 0 and str(bad) in proc.stderr and "dependencies" in proc.stderr
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "dependencies" in proc.stderr
 
 
 def run_install_deps(pyproject, tmp_path, env=None):
@@ -284,7 +287,7 @@ def test_smoke_script_passes_shellcheck():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_smoke_help_names_the_base_and_the_knobs(tmp_path):
+def test_smoke_help_names_every_setting(tmp_path):
     proc, calls = run_smoke(tmp_path, "--help")
     assert proc.returncode == 0 and calls == []
     for word in ("BASE_IMAGE", "NETWORK", "DEMO_DATA", "STOP_TIMEOUT", "PASS", "FAIL"):
@@ -364,7 +367,7 @@ def excluded(path, rules):
     "dist_free/__pycache__/train.cpython-311.pyc", "bench/out/r.json", ".pytest_cache/v",
     "tests/test_docker.py", "dist_free.egg-info/PKG-INFO", "configs/runs/x.yaml",
 ])
-def test_dockerignore_keeps_data_runs_and_caches_out(path):
+def test_dockerignore_keeps_out_what_the_image_must_not_hold(path):
     assert excluded(path, dockerignore_rules())
 
 
@@ -444,37 +447,52 @@ def test_train_logs_to_the_mlflow_service(compose):
     assert f"http://127.0.0.1:{port}/health" in healthcheck
 
 
-def test_mlflow_server_accepts_its_arguments_and_the_trainer_host():
+def test_mlflow_server_parses_its_compose_arguments():
     from mlflow.cli import server as server_cli
-    from mlflow.server import security_utils as security
 
     mlflow = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]
     assert mlflow["entrypoint"] == ["mlflow", "server"]
     params = server_cli.make_context("server", list(mlflow["command"])).params
     assert params["backend_store_uri"].startswith("sqlite:////mlflow/")
     assert params["artifacts_destination"].startswith("/mlflow/")
+
+
+def test_mlflow_server_allows_the_host_names_the_trainer_uses():
+    from mlflow.server import security_utils as security
+
+    mlflow = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]
     allowed = mlflow["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     for host in ("mlflow:5000", "127.0.0.1:5000", "localhost:5000"):
         assert security.is_allowed_host_header(allowed, host), host
 
 
-def test_mlflow_is_on_loopback_healthchecked_and_persistent(compose):
-    mlflow = compose["services"]["mlflow"]
-    (port,) = mlflow["ports"]
+def test_mlflow_is_published_on_loopback_only(compose):
+    (port,) = compose["services"]["mlflow"]["ports"]
     assert port == "127.0.0.1:5000:5000"
-    assert mlflow["healthcheck"]["test"][0] == "CMD"
-    (volume,) = mlflow["volumes"]
+
+
+def test_mlflow_has_a_healthcheck(compose):
+    assert compose["services"]["mlflow"]["healthcheck"]["test"][0] == "CMD"
+
+
+def test_mlflow_keeps_its_store_on_a_named_volume(compose):
+    (volume,) = compose["services"]["mlflow"]["volumes"]
     name, target = volume.split(":")
     assert name in compose["volumes"] and target == "/mlflow"
 
 
-def test_train_waits_for_a_healthy_server_and_reserves_all_gpus(compose):
-    train = compose["services"]["train"]
-    assert train["depends_on"]["mlflow"]["condition"] == "service_healthy"
-    (device,) = train["deploy"]["resources"]["reservations"]["devices"]
+def test_train_waits_for_a_healthy_mlflow(compose):
+    assert compose["services"]["train"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+
+
+def test_train_reserves_every_gpu(compose):
+    (device,) = compose["services"]["train"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["count"] == "all"
     assert "gpu" in device["capabilities"]
-    assert train["image"] == compose["services"]["mlflow"]["image"]
+
+
+def test_mlflow_runs_from_the_training_image(compose):
+    assert compose["services"]["train"]["image"] == compose["services"]["mlflow"]["image"]
 
 
 def duration_s(value):
@@ -492,9 +510,13 @@ def size_bytes(value):
 
 
 @pytest.mark.parametrize("service", ["mlflow", "train"])
-def test_services_run_with_an_init_no_capabilities_and_no_privilege_gain(compose, service):
+def test_services_run_under_an_init(compose, service):
+    assert compose["services"][service]["init"] is True
+
+
+@pytest.mark.parametrize("service", ["mlflow", "train"])
+def test_services_run_without_privileges(compose, service):
     svc = compose["services"][service]
-    assert svc["init"] is True
     assert svc["cap_drop"] == ["ALL"] and not svc.get("cap_add")
     assert "no-new-privileges:true" in svc["security_opt"]
     assert not svc.get("privileged") and svc.get("ipc") != "host" and svc.get("pid") != "host"
@@ -505,17 +527,21 @@ def test_train_keeps_the_image_entrypoint(compose, stages):
     assert "entrypoint" not in compose["services"]["train"]
 
 
-def test_train_stop_grace_outlasts_torchrun_and_the_trainer(compose, stages):
+def test_train_stop_grace_outlasts_torchruns_which_outlasts_the_trainers(compose, stages):
     grace = int(dockerfile_env(stages)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
     train = compose["services"]["train"]
     assert duration_s(train["stop_grace_period"]) > grace > TRAINER_STOP_S
-    assert size_bytes(train["shm_size"]) >= 8 * 1024 ** 3   # DALI and NCCL; Docker gives 64 MB
+
+
+def test_train_has_room_in_shared_memory(compose):
+    # DALI and NCCL need it; Docker gives 64 MB
+    assert size_bytes(compose["services"]["train"]["shm_size"]) >= 8 * 1024 ** 3
 
 
 # ---- README --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
-def test_readme_commands_match_compose_and_dockerfile(readme, compose):
+def test_readme_docker_commands_match_the_image_files(readme, compose):
     assert readme.is_file(), f"{readme} missing (paste docker/README.md's section into it)"
     text = readme.read_text()
     image = compose["services"]["train"]["image"]
@@ -545,7 +571,7 @@ def docker_run_flags(text):
 
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
-def test_readme_docker_run_matches_the_compose_shm_and_stop_grace(readme, compose):
+def test_readme_docker_run_flags_match_the_compose_service(readme, compose):
     train = compose["services"]["train"]
     runs = docker_run_flags(readme.read_text())
     assert runs

@@ -41,7 +41,7 @@ def evaluate(launcher, ckpt, out, *args):
     return json.loads(report.read_text()), report
 
 
-def test_counts_are_exact_and_identical_on_one_and_two_ranks(ckpt, tmp_path):
+def test_two_ranks_count_exactly_what_one_rank_counts(ckpt, tmp_path):
     one, path = evaluate([sys.executable], ckpt, tmp_path / "one", "--eps", "0,2/255,8/255")
     two, _ = evaluate(torchrun("--nproc_per_node=2", "--standalone"), ckpt, tmp_path / "two",
                       "--eps", "0,2/255,8/255")
@@ -72,7 +72,7 @@ def report_root(ckpt):
     return checkpoint.load(ckpt)["config"]["data"]["root"]
 
 
-def test_sweep_writes_a_table_and_a_plot_that_name_the_protocol(ckpt, tmp_path):
+def test_a_sweep_is_reported_in_a_table_naming_the_protocol_beside_a_plot(ckpt, tmp_path):
     report, path = evaluate([sys.executable], ckpt, tmp_path, "--eps", "0,4/255,16/255")
     assert [r["eps"] for r in report["results"]] == [0.0, 4 / 255, 16 / 255]
     assert all(0 <= r["robust_top1"] <= 1 for r in report["results"])
@@ -140,7 +140,7 @@ def with_mlflow_run(ckpt, tmp_path, uri):
     return path, client, run_id
 
 
-def test_final_numbers_and_protocol_go_to_the_checkpoints_mlflow_run(ckpt, tmp_path, capsys):
+def test_the_final_evaluation_goes_to_the_checkpoints_mlflow_run(ckpt, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path, client, run_id = with_mlflow_run(ckpt, tmp_path, uri)
     assert main(["--checkpoint", str(path), "--subset", "16", "--steps", "1", "--restarts", "1",

@@ -94,7 +94,7 @@ def test_torchvision_export_loads_with_the_cards_three_lines(resnet_export, monk
     assert grad.abs().sum() > 0 and torch.equal(grad, ref_grad)
 
 
-def test_safetensors_and_torch_files_hold_the_nets_weights(resnet_export):
+def test_each_weights_file_holds_the_nets_weights(resnet_export):
     ckpt, out = resnet_export
     net = {k[len("net."):]: v for k, v in torch.load(ckpt, weights_only=True)["model"].items()
            if k.startswith("net.")}
@@ -102,15 +102,24 @@ def test_safetensors_and_torch_files_hold_the_nets_weights(resnet_export):
                     torch.load(out / "model.pt", weights_only=True)):
         assert set(tensors) == {f"1.{k}" for k in net}        # no normalize.* buffers
         assert all(torch.equal(tensors[f"1.{k}"], v) for k, v in net.items())
+
+
+def test_card_records_the_sha256_of_every_file_it_describes(resnet_export):
+    ckpt, out = resnet_export
     card = json.loads((out / "model_card.json").read_text())
     assert card["weights"]["model.safetensors"]["sha256"] == sha256(out / "model.safetensors")
     assert card["weights"]["model.pt"]["sha256"] == sha256(out / "model.pt")
     assert card["provenance"]["checkpoint"]["sha256"] == sha256(ckpt)
+
+
+def test_card_records_the_normalization_inside_the_model(resnet_export):
+    _, out = resnet_export
+    card = json.loads((out / "model_card.json").read_text())
     assert card["normalization"] == {"mean": [0.485, 0.456, 0.406],
                                      "std": [0.229, 0.224, 0.225], "inside_model": True}
 
 
-def test_card_describes_the_recipe_and_labels_in_training_numbers(resnet_export):
+def test_card_describes_the_training_recipe(resnet_export):
     _, out = resnet_export
     card = json.loads((out / "model_card.json").read_text())
     t = card["training"]
@@ -118,14 +127,20 @@ def test_card_describes_the_recipe_and_labels_in_training_numbers(resnet_export)
     assert t["global_batch"] == 16 and t["peak_lr"] == pytest.approx(0.05)
     assert card["threat_model"]["eps_x255"] == pytest.approx(4)
     assert card["class_to_idx"] == CLASSES and card["input"]["val_resize"] == 36
+    md = (out / "MODEL_CARD.md").read_text()
+    assert "resize the shorter side to 36" in md and "0: cat, 1: dog, 2: owl" in md
+
+
+def test_card_labels_in_training_numbers_as_not_final(resnet_export):
+    _, out = resnet_export
+    card = json.loads((out / "model_card.json").read_text())
     assert card["evaluation"]["source"] == "in_training" and card["evaluation"]["final"] is False
     md = (out / "MODEL_CARD.md").read_text()
     assert "not a final number: PGD-10 in training, not AutoAttack; selected on" in md
     assert "| pgd | PGD-10 x 1 restarts" in md and "25.00%" in md
-    assert "resize the shorter side to 36" in md and "0: cat, 1: dog, 2: owl" in md
 
 
-def test_from_checkpoint_gives_the_same_model_from_checkpoint_and_export(tmp_path, monkeypatch):
+def test_from_checkpoint_gives_the_same_model_from_every_source(tmp_path, monkeypatch):
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     ckpt = make_checkpoint(tmp_path / "last.pt", mean=mean, std=std)
     out = tmp_path / "export"
@@ -219,7 +234,7 @@ def test_cli_errors_carry_no_traceback(tmp_path):
     assert proc.stderr == f"error: checkpoint not found: {tmp_path / 'nope.pt'}\n"
 
 
-def test_force_replaces_an_export_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
+def test_a_failed_forced_export_leaves_the_old_one(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "last.pt")
     out = tmp_path / "export"
     model_card.export_checkpoint(ckpt, out)
@@ -232,7 +247,12 @@ def test_force_replaces_an_export_and_a_failed_write_leaves_the_old_one(tmp_path
         model_card.export_checkpoint(ckpt, out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "last.pt"]  # no temp folders
-    monkeypatch.undo()
+
+
+def test_force_replaces_an_export_with_an_ordinary_folder(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "last.pt")
+    out = tmp_path / "export"
+    model_card.export_checkpoint(ckpt, out)
     written = model_card.export_checkpoint(ckpt, out, force=True)
     assert sorted(p.name for p in written) == sorted(model_card.EXPORT_FILES)
     umask = os.umask(0)

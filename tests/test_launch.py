@@ -182,8 +182,11 @@ def test_every_launcher_gives_torchrun_the_same_shutdown_grace(script, fake_bin,
                                  TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300") == "300"
 
 
-def test_launcher_grace_outlasts_the_trainer_stop_and_matches_the_image(launcher_grace_s):
+def test_launcher_grace_outlasts_the_trainer_stop(launcher_grace_s):
     assert launcher_grace_s > TRAINER_STOP_S
+
+
+def test_launcher_grace_matches_the_image(launcher_grace_s):
     image_env = re.search(r"^\s*TORCH_ELASTIC_SHUTDOWN_TIMEOUT=(\d+)", DOCKERFILE.read_text(),
                           re.M)
     assert image_env and int(image_env[1]) == launcher_grace_s
@@ -223,7 +226,7 @@ def test_workstation_runs_standalone_torchrun_with_defaults(fake_bin, tmp_path, 
     assert trainer_args(argv) == ["--config", str(config_file)]
 
 
-def test_workstation_env_and_overrides_pass_through(fake_bin, tmp_path, config_file):
+def test_workstation_passes_its_settings_through_to_torchrun(fake_bin, tmp_path, config_file):
     env = {"CONFIG": str(config_file), "NPROC_PER_NODE": "2", "DATA": "/d s/imagenet",
            "RUN_DIR": "/r", "MLFLOW_TRACKING_URI": "http://tracker:5000"}
     proc, calls = run_script(LAUNCH / "workstation.sh", fake_bin, tmp_path, env=env,
@@ -254,7 +257,7 @@ def test_missing_config_fails_before_torchrun_naming_the_file(script, fake_bin, 
 
 # ---- multi-node ----------------------------------------------------------------------------
 
-def test_multinode_uses_c10d_rendezvous_and_restarts(fake_bin, tmp_path, config_file):
+def test_multinode_launches_an_elastic_c10d_job(fake_bin, tmp_path, config_file):
     env = {"CONFIG": str(config_file), "RDZV_ENDPOINT": "node0:29400", "NNODES": "2:4"}
     proc, calls = run_script(LAUNCH / "multinode.sh", fake_bin, tmp_path, env=env,
                              args=["train.epochs=1"])
@@ -352,7 +355,7 @@ def worker_container(job):
     return spec, container
 
 
-def test_pytorchjob_kind_and_rendezvous(pytorchjob):
+def test_pytorchjob_is_an_elastic_c10d_pytorchjob(pytorchjob):
     assert pytorchjob["apiVersion"] == "kubeflow.org/v1"
     assert pytorchjob["kind"] == "PyTorchJob"
     spec = pytorchjob["spec"]
@@ -395,10 +398,14 @@ def test_pytorchjob_args_load_into_a_config_on_the_mounted_paths(pytorchjob):
     assert cfg.tracking.uri is None  # so MLFLOW_TRACKING_URI from the pod env is used
 
 
-def test_pytorchjob_tracks_to_mlflow_and_runs_as_image_user(pytorchjob):
-    pod, container = worker_container(pytorchjob)
+def test_pytorchjob_tracks_to_mlflow(pytorchjob):
+    _, container = worker_container(pytorchjob)
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MLFLOW_TRACKING_URI"].startswith("http")
+
+
+def test_pytorchjob_runs_as_the_image_user(pytorchjob):
+    pod, _ = worker_container(pytorchjob)
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     user = re.findall(r"^USER (\d+)", dockerfile, re.M)[-1]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -494,13 +501,17 @@ def test_mlflow_ui_serves_the_store_in_the_current_folder_on_loopback(fake_bin, 
     assert proc.stderr == ""
 
 
-def test_mlflow_ui_host_port_and_store_overrides_warn_about_the_open_port(fake_bin, tmp_path,
-                                                                          store):
+def test_mlflow_ui_takes_host_port_store_from_the_environment(fake_bin, tmp_path, store):
     proc, params = mlflow_ui(fake_bin, tmp_path, cwd=tmp_path, STORE_DIR=str(store),
                              HOST="0.0.0.0", PORT="5001")
     assert proc.returncode == 0, proc.stderr
     assert (params["host"], params["port"]) == ("0.0.0.0", 5001)
     assert params["backend_store_uri"] == f"sqlite:///{store}/mlflow.db"
+
+
+def test_mlflow_ui_warns_when_it_serves_beyond_loopback(fake_bin, tmp_path, store):
+    proc, _ = mlflow_ui(fake_bin, tmp_path, cwd=tmp_path, STORE_DIR=str(store), HOST="0.0.0.0")
+    assert proc.returncode == 0, proc.stderr
     assert "warning: serving on 0.0.0.0 without authentication" in proc.stderr
 
 

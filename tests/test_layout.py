@@ -45,7 +45,7 @@ LIBRARY = ENGINE + ["loop.py", "validation.py", "runtime.py", "robust_eval.py", 
 
 
 @pytest.mark.parametrize("name", LIBRARY)
-def test_the_training_loop_and_the_libraries_import_no_command_line_module(name):
+def test_no_library_module_imports_a_command_line_module(name):
     imports = imported_modules(ROOT / "dist_free" / name)
     bad = sorted(m for m in imports if any(m == c or m.startswith(c + ".") for c in CLI))
     assert not bad, f"dist_free/{name} imports {bad}"

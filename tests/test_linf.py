@@ -44,7 +44,7 @@ def test_update_in_reused_scratch_equals_allocating_update():
     assert torch.equal(delta, fresh[0]) and torch.equal(x_adv, fresh[1])
 
 
-def test_update_steps_by_sign_within_eps_and_masks_the_clamp():
+def test_update_steps_by_sign_clipped_to_eps_where_the_clamp_is_inactive():
     eps, step = 4 / 255, 1 / 255
     x = torch.tensor([0.5, 0.5, 0.5, 0.0, 1.0, 0.5])
     delta = torch.tensor([0.0, 3.5 / 255, 0.0, -1 / 255, 2 / 255, 0.0])
@@ -94,7 +94,7 @@ def test_adversarial_inputs_are_fp32_within_eps():
         linf.perturb(x, delta, torch.bfloat16)
 
 
-def test_attack_step_stays_in_eps_ball_and_image_box():
+def test_attack_steps_stay_in_the_eps_ball_inside_the_image_box():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 8, 8, generator=g)
     delta = torch.zeros_like(x)

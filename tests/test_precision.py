@@ -52,12 +52,16 @@ def test_no_cpuinfo_means_fp32(monkeypatch, tmp_path):
     assert precision.resolve_amp("auto", CPU)[0] is None
 
 
-def test_explicit_choices_are_kept_and_emulation_is_named(monkeypatch, tmp_path):
+def test_explicit_choices_are_kept(monkeypatch, tmp_path):
     fake_cpuinfo(monkeypatch, tmp_path, SKYLAKE)
-    dtype, reason = precision.resolve_amp("bf16", CPU)
-    assert dtype is torch.bfloat16 and "emulated" in reason
+    assert precision.resolve_amp("bf16", CPU)[0] is torch.bfloat16
     assert precision.resolve_amp("fp16", CPU)[0] is torch.float16
     assert precision.resolve_amp("off", CPU) == (None, "run.amp=off: fp32")
+
+
+def test_bf16_is_said_to_be_emulated_only_on_a_cpu_without_it(monkeypatch, tmp_path):
+    fake_cpuinfo(monkeypatch, tmp_path, SKYLAKE)
+    assert "emulated" in precision.resolve_amp("bf16", CPU)[1]
     fake_cpuinfo(monkeypatch, tmp_path, SAPPHIRE_RAPIDS)
     assert "emulated" not in precision.resolve_amp("bf16", CPU)[1]
 
@@ -86,7 +90,10 @@ def test_fp16_from_auto_gets_a_grad_scaler(monkeypatch):
     assert step.scaler is not None
 
 
-def test_other_devices_and_bad_values():
+def test_auto_on_other_devices_is_fp32():
     assert precision.resolve_amp("auto", torch.device("meta"))[0] is None
+
+
+def test_a_bad_amp_value_is_refused_naming_the_option():
     with pytest.raises(ValueError, match="run.amp must be one of"):
         precision.resolve_amp("fp8", CPU)

@@ -24,7 +24,7 @@ def test_bar_mode_draws_a_tqdm_bar_with_the_callers_figures(capsys):
     assert "\r" in err and "epoch 1/3" in err and "5/10" in err and FIGURES in err
 
 
-def test_log_mode_writes_lines_with_count_rate_and_time_left(caplog, capsys):
+def test_a_log_line_gives_count_rate_time_left(caplog, capsys):
     caplog.set_level(logging.INFO, "dist_free.progress")
     p = Progress("epoch 2/3", 10, mode="log", log_every_s=0)
     p.describe("PGD eps 4/255")
@@ -36,7 +36,7 @@ def test_log_mode_writes_lines_with_count_rate_and_time_left(caplog, capsys):
     assert "\r" not in capsys.readouterr().err
 
 
-def test_log_lines_are_spaced_by_log_every_s_and_the_end_is_always_logged(caplog):
+def test_log_lines_come_once_per_log_every_s_plus_one_at_the_end(caplog):
     caplog.set_level(logging.INFO, "dist_free.progress")
     p = Progress("eval", 10, mode="log", log_every_s=3600)
     for _ in range(10):

@@ -16,7 +16,7 @@ def test_ci_runs_the_readme_test_command():
     assert f"\n    {ci_test_command()}\n" in README
 
 
-def test_readme_demo_command_writes_the_data_the_demo_config_reads_and_launches_it():
+def test_readme_demo_command_makes_the_data_the_demo_config_reads_before_launching_it():
     demo = next(l.strip() for l in README.splitlines() if "dist_free.data demo" in l)
     assert "python -m dist_free.data demo demo_data" in demo
     assert "torchrun --nproc_per_node=2 -m dist_free.train --config configs/demo.yaml" in demo

@@ -30,12 +30,15 @@ def test_lr_scales_linearly_with_the_global_batch():
     assert lr_schedule.base_lr(cfg, world_size=4) == pytest.approx(0.4)
 
 
-def test_training_precision_follows_dist_free_precision_and_attacks_stay_fp32():
+def test_training_autocast_follows_the_amp_setting():
     cpu = torch.device("cpu")
     assert precision.autocast_dtype("auto", cpu) is precision.resolve_amp("auto", cpu)[0]
     assert precision.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     assert precision.autocast_dtype("fp16", torch.device("cpu")) is torch.float16
     assert precision.autocast_dtype("off", torch.device("cuda", 0)) is None
+
+
+def test_attacks_follow_eval_amp_in_fp32_when_off():
     assert precision.attack_dtype("off") is None              # eval.amp=off: attacks in fp32
     assert precision.attack_dtype("bf16") is torch.bfloat16
 

@@ -2,10 +2,11 @@
 a long outage against the memory and disk bounds, a restart in the same run directory, a stop
 request with a dead server, credentials in the URI. The store is MLflow's embedded SQLite one."""
 
+import contextlib
+import io
 import json
 import logging
 import os
-import re
 import select
 import signal
 import socket
@@ -14,8 +15,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from helpers_mlflow import finishes_within, held_server
 from mlflow import MlflowClient
 
 import dist_free.tracking.tracker as tracker_module
@@ -88,7 +91,7 @@ from dist_free.tracking import build_tracker
 uri, run_dir, artifacts = sys.argv[1:4]
 tracker = build_tracker(enabled=True, uri=uri, experiment="killed", run_name="k",
                         run_dir=Path(run_dir), rank=0, system_metrics=False,
-                        artifact_location=artifacts)  # memory has room: only the clock spills
+                        artifact_location=artifacts)
 step = 0
 while True:
     tracker.log_metrics({"loss": step / 2}, step=step)
@@ -98,42 +101,38 @@ while True:
 """
 
 
-def read_lines_timed(proc, out: list) -> threading.Thread:
+def read_lines(proc, out: list) -> threading.Thread:
     def read():
         for line in proc.stdout:
-            out.append((time.monotonic(), line.strip()))
+            out.append(int(line))
     thread = threading.Thread(target=read, daemon=True)
     thread.start()
     return thread
 
 
-def test_kill_9_during_an_outage_loses_at_most_the_last_second_and_nothing_arrives_twice(
+def test_kill_9_during_an_outage_delivers_each_logged_step_exactly_once(
         tmp_path, store, dead_uri, capsys):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, dead_uri, str(run_dir), store[1]],
                             stdout=subprocess.PIPE, text=True, env=child_env())
-    lines: list = []
-    reader = read_lines_timed(proc, lines)
+    printed: list = []
+    reader = read_lines(proc, printed)
     deadline = time.monotonic() + 60
-    while (len(lines) < 400 or time.monotonic() - lines[0][0] < 2.5) and proc.poll() is None:
+    while len(printed) < 400 and proc.poll() is None:
         assert time.monotonic() < deadline, "the child logs too slowly"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
     proc.wait(timeout=30)
-    reader.join(10)
-    # A step printed (so logged) more than a second before the kill must have reached the WAL.
-    must_arrive = {int(step) for seen, step in lines if seen < killed_at - 1.0}
-    printed = [int(step) for _, step in lines]
-    assert len(must_arrive) > 100
+    reader.join(10)  # what the pipe holds: every step printed, so logged, before the kill
+    assert printed == list(range(len(printed)))
 
     assert main(["replay", str(run_dir), "--uri", store[0]]) == 0
     client = MlflowClient(store[0])
     run = the_run(client, "killed")
     steps = history(client, run.info.run_id)
     assert len(steps) == len(set(steps)), "a step arrived twice"
-    assert must_arrive <= set(steps)
-    assert set(steps) <= set(range(max(printed) + 2))  # the last one may be logged, unprinted
+    # Nothing whose log call returned is lost; the step logged as the kill came may be there.
+    assert set(printed) <= set(steps) <= set(range(len(printed) + 1))
     assert all(m.value == m.step / 2 for m in client.get_metric_history(run.info.run_id, "loss"))
     assert not wal_logs(run_dir)
     assert main(["replay", str(run_dir), "--uri", store[0]]) == 2  # nothing left to send twice
@@ -167,9 +166,6 @@ for step in range(200):
     tracker.log_metrics({"loss": float(step)}, step=step)
     if step % 10 == 9:
         tracker.set_tags({"last_step": step})  # breaks the backlog into several batches
-while tracker.backlog()["in_memory"] > 20 or tracker.backlog()["wal_bytes"] == 0:
-    time.sleep(0.05)
-time.sleep(0.5)
 calls = gate["calls"]
 gate["allow"] = 5
 while gate["calls"] < calls + 6:  # five delivered and acknowledged, the sixth refused
@@ -188,7 +184,7 @@ def counting(monkeypatch, module, sent: list) -> None:
     monkeypatch.setattr(module, "send_batch", send_batch)
 
 
-def test_the_next_start_sends_what_a_killed_session_left_and_nothing_it_had_delivered(
+def test_the_next_start_sends_exactly_what_a_killed_session_left_undelivered(
         tmp_path, store, monkeypatch):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", GATED_CHILD, store[0], str(run_dir), store[1]],
@@ -265,12 +261,15 @@ def metrics(step: int) -> dict:
     return {"kind": "metrics", "metrics": [["loss", float(step), 1000 + step, step]]}
 
 
-def test_replay_skips_torn_and_garbled_lines_refuses_outside_paths_and_rewrites_atomically(
-        tmp_path, store, capsys):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, store):
+    """A journal with a garbled line, a torn last line, artifacts outside the run folder and an
+    unknown item kind among ten metrics, replayed once by the CLI."""
+    root = tmp_path_factory.mktemp("damaged")
+    run_dir = root / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("a: 1\n")
-    secret = tmp_path / "secret.txt"  # outside the run folder
+    secret = root / "secret.txt"  # outside the run folder
     secret.write_text("not for MLflow")
     (run_dir / "link.txt").symlink_to(secret)
     refused = [
@@ -288,23 +287,41 @@ def test_replay_skips_torn_and_garbled_lines_refuses_outside_paths_and_rewrites_
     text.insert(3, "this line is garbage\n")
     log.write_text("".join(text) + '{"seq": 99, "kind": "metrics", "metr')  # torn by a crash
     inode = log.stat().st_ino
-
-    assert main(["replay", str(run_dir)]) == 1  # the refused items are still there
-    err = capsys.readouterr().err
-    assert "skipped 2 torn or garbled line(s)" in err and "torn: a crash mid-append" in err
-    assert err.count("lies outside the run folder") == 3
-    assert "unknown tracking item kind 'model'" in err
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["replay", str(run_dir)])
     client = MlflowClient(store[0])
-    run = the_run(client, "damaged")
-    assert sorted(history(client, run.info.run_id)) == list(range(10))
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"cfg"}
-    assert secret.read_text() == "not for MLflow" and (run_dir / "config.yaml").exists()
+    return SimpleNamespace(run_dir=run_dir, log=log, inode=inode, secret=secret, refused=refused,
+                           code=code, err=err.getvalue(), client=client,
+                           run_id=the_run(client, "damaged").info.run_id)
 
-    header, *left = log.read_text().splitlines()  # what is left stays, nothing else
-    assert json.loads(header)["run_id"] == run.info.run_id
-    assert [{k: v for k, v in json.loads(line).items() if k != "seq"} for line in left] == refused
-    assert log.stat().st_ino != inode  # replaced by rename, not edited in place
-    assert [p.name for p in log.parent.iterdir() if p.name.startswith(".")] == []
+
+def test_replay_skips_damaged_lines_delivering_those_around_them(damaged):
+    assert sorted(history(damaged.client, damaged.run_id)) == list(range(10))
+    assert "skipped 2 torn or garbled line(s)" in damaged.err  # said, with where and why
+    assert "torn: a crash mid-append" in damaged.err
+
+
+def test_replay_refuses_artifacts_outside_the_run_folder(damaged):
+    assert damaged.code == 1  # the refused items are still there
+    assert {a.path for a in damaged.client.list_artifacts(damaged.run_id)} == {"cfg"}
+    assert damaged.secret.read_text() == "not for MLflow"
+    for name in (damaged.secret, "../secret.txt", "link.txt"):  # each named in its refusal
+        assert f"artifact {name} lies outside the run folder" in damaged.err
+    assert "unknown tracking item kind 'model'" in damaged.err
+
+
+def test_replay_deletes_only_staging_links_after_upload(damaged):
+    assert (damaged.run_dir / "config.yaml").read_text() == "a: 1\n"  # marked staged, is not
+
+
+def test_replay_rewrites_the_journal_by_rename_to_what_is_left(damaged):
+    header, *left = damaged.log.read_text().splitlines()  # what is left stays, nothing else
+    assert json.loads(header)["run_id"] == damaged.run_id
+    assert [{k: v for k, v in json.loads(line).items() if k != "seq"}
+            for line in left] == damaged.refused
+    assert damaged.log.stat().st_ino != damaged.inode  # replaced by rename, not edited in place
+    assert [p.name for p in damaged.log.parent.iterdir() if p.name.startswith(".")] == []
 
 
 def test_replay_caps_http_retries_against_a_dead_server(tmp_path, store, dead_uri,
@@ -323,7 +340,7 @@ def test_replay_caps_http_retries_against_a_dead_server(tmp_path, store, dead_ur
 
 # ---------------------------------------------------------------- long outages: bounds
 
-def test_memory_holds_at_most_n_items_and_the_rest_comes_back_from_the_wal_in_order(
+def test_a_long_outage_holds_one_batch_in_memory_the_rest_arriving_in_order_from_the_journal(
         tmp_path, store, monkeypatch):
     blocked, order = threading.Event(), []
     blocked.set()
@@ -343,9 +360,8 @@ def test_memory_holds_at_most_n_items_and_the_rest_comes_back_from_the_wal_in_or
         if step % 50 == 0:
             tracker.set_tags({"at": step})
         most = max(most, tracker.backlog()["in_memory"])
-    time.sleep(0.6)  # the WAL thread writes what waited long enough
-    assert most <= 25 and tracker.backlog()["wal_bytes"] > 0
-    assert tracker.backlog()["unsent"] == 408
+    assert most <= 25
+    assert tracker.backlog()["unsent"] == 408  # in the journal as each log call returned
     blocked.clear()
     tracker.close(timeout=60)
     assert order == list(range(400))  # read back from the WAL in order, each once
@@ -353,21 +369,20 @@ def test_memory_holds_at_most_n_items_and_the_rest_comes_back_from_the_wal_in_or
     assert not wal_logs(tmp_path)
 
 
-def test_past_the_disk_budget_items_are_counted_and_the_loss_reported(
+def test_items_past_the_disk_budget_are_counted_lost_in_an_error_naming_the_budget(
         tmp_path, dead_uri, monkeypatch, caplog):
     monkeypatch.setenv(BUDGET_ENV, "4K")
     tracker = tracker_for(dead_uri, tmp_path, "budget", memory_items=10)
     with caplog.at_level(logging.ERROR, logger="dist_free.tracking"):
         for step in range(300):
             tracker.log_metrics({"loss": float(step)}, step=step)
-        time.sleep(0.5)
-        assert tracker.backlog()["lost"] > 0
         tracker.close(timeout=1)
     (log,) = wal_logs(tmp_path)
     assert log.stat().st_size <= 4096
-    assert "cannot go to the write-ahead log" in caplog.text and BUDGET_ENV in caplog.text
-    lost = int(re.search(r"(\d+) MLflow items were LOST", caplog.text).group(1))
-    assert len(wal_items(tmp_path)) + lost == 301  # 300 metrics and the end status
+    lost = tracker.backlog()["lost"]
+    assert lost > 0 and len(wal_items(tmp_path)) + lost == 301  # 300 metrics, the end status
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    assert BUDGET_ENV in errors and f"{lost} MLflow items were LOST" in errors
     assert logged_steps(wal_items(tmp_path)) == list(range(len(wal_items(tmp_path))))
 
 
@@ -406,7 +421,7 @@ def staged_files(run_dir: Path) -> list[str]:
                   for p in (run_dir / STAGING_DIR).rglob("*") if p.is_file())
 
 
-def test_sessions_stage_artifacts_apart_and_delete_only_what_they_uploaded(
+def test_each_session_deletes_only_the_staged_artifacts_it_uploaded(
         tmp_path, store, dead_uri):
     (tmp_path / "a.txt").write_text("from the first session")
     first = tracker_for(dead_uri, tmp_path, "staged", store[1])
@@ -429,25 +444,19 @@ def test_sessions_stage_artifacts_apart_and_delete_only_what_they_uploaded(
         "a.txt", "b.txt"]
 
 
-def test_after_a_stop_request_close_is_quick_and_everything_is_on_disk(
-        tmp_path, store, monkeypatch):
+def test_after_a_stop_request_close_does_not_wait_out_the_server(tmp_path, store, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    with socket.socket() as silent:  # a black hole: accepts, never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    monkeypatch.setattr(tracker_module, "CLOSE_TIMEOUT_S", 300.0)  # what close() gives otherwise
+    with held_server() as (uri, held):
         tracker = tracker_for(uri, tmp_path, "stopped", store[1], start_timeout=1.0)
         for step in range(200):
             tracker.log_metrics({"loss": float(step)}, step=step)
+        assert held.wait(60)  # the uploader is stuck in a request
         tracker.stop_soon()  # what the trainer's SIGTERM handler calls
-        deadline = time.monotonic() + 3
-        while len(logged_steps(wal_items(tmp_path))) < 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert logged_steps(wal_items(tmp_path)) == list(range(200))
-        started = time.monotonic()
-        tracker.close(status="KILLED")  # no timeout given: a stop does not wait 30 s
-        assert time.monotonic() - started < 6
+        assert logged_steps(wal_items(tmp_path)) == list(range(200))  # on disk already
+        assert finishes_within(60, lambda: tracker.close(status="KILLED")), \
+            "close() after a stop request waited for the server"
     assert wal_items(tmp_path)[-1]["status"] == "KILLED"
     assert main(["replay", str(tmp_path), "--uri", store[0]]) == 0
     client = MlflowClient(store[0])
