@@ -115,7 +115,7 @@ def test_quick_targets_are_judged_against_the_goal_they_state(quick_run):
         assert t["met"] == goal_met(t["target"], t["measured"]), (name, t)
 
 
-def test_step_table_has_a_convnext_and_a_vit_row(quick_run):
+def test_step_table_has_a_convnext_row_with_a_vit_row(quick_run):
     table, r, _ = quick_run
     archs = r["step"]["architectures"]
     assert archs["ConvNeXt"]["fp32"]["model"] == "timm/convnext_atto"

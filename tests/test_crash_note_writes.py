@@ -6,7 +6,7 @@ import pipelines.dali as dali
 from pipelines import build_loader
 
 
-def test_the_crash_note_is_rewritten_every_few_batches_and_covers_what_is_in_flight(
+def test_the_crash_note_is_rewritten_only_every_few_batches_covering_what_is_in_flight(
         demo_root, tmp_path, monkeypatch):
     notes = []
     monkeypatch.setattr(dali, "note_in_flight", lambda note, files: notes.append(list(files)))

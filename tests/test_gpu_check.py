@@ -49,7 +49,7 @@ def test_cpu_mode_passes_every_check_without_mlflow_or_dali(tmp_path):
         assert f"  {name}" in p.stdout
 
 
-def test_a_raising_check_is_a_fail_line_and_the_run_goes_on(tmp_path):
+def test_a_raising_check_is_a_fail_line_that_does_not_stop_the_run(tmp_path):
     def boom(s, device):
         raise RuntimeError("kernel launch failed")
 

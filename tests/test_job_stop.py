@@ -20,7 +20,7 @@ def note(tmp_path, monkeypatch):
     return path
 
 
-def test_a_restart_of_the_same_job_stops_with_the_reason_and_the_collapse_exit_status(note):
+def test_a_restart_of_the_same_job_stops_with_the_collapse_exit_status_naming_the_reason(note):
     with pytest.raises(job_stop.JobStopped, match="collapse at step 120") as stopped:
         job_stop.check(note)
     assert stopped.value.exit_code == 3
@@ -40,7 +40,7 @@ def test_a_data_error_stops_its_restarts_with_exit_2(tmp_path, monkeypatch):
 @pytest.mark.parametrize("env", [{"TORCHELASTIC_RUN_ID": "job-b"}, {"TORCHELASTIC_RUN_ID": None},
                                  {"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0"}],
                          ids=["another job", "no torchrun", "a new launch without a job id"])
-def test_a_new_job_goes_ahead_and_forgets_the_note(note, monkeypatch, env):
+def test_a_new_job_goes_ahead_forgetting_the_note(note, monkeypatch, env):
     for key, value in env.items():
         if value is None:
             monkeypatch.delenv(key)
@@ -59,14 +59,14 @@ def test_the_restarts_of_a_launch_without_a_job_id_are_one_job(tmp_path, monkeyp
         job_stop.check(path)
 
 
-def test_the_override_resumes_past_the_stop_it_names_and_no_other(note):
+def test_the_override_resumes_past_only_the_stop_it_names(note):
     job_stop.check(note, resume_stopped_step=120)        # on purpose: goes on
     with pytest.raises(job_stop.JobStopped):
         job_stop.check(note, resume_stopped_step=119)    # a later stop is not covered
 
 
 @pytest.mark.slow
-def test_a_collapse_under_torchrun_restarts_stays_stopped_and_the_run_ends_failed(
+def test_a_collapse_under_torchrun_restarts_stays_stopped_with_its_run_failed(
         demo_root, tmp_path):
     # A hair-trigger guard fires within two epochs (as in the collapse tests); rollback keeps
     # the last healthy last.pt, which torchrun's restarts would otherwise train from again.

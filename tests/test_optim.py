@@ -88,7 +88,7 @@ def weight_step(clip: float | None, scaler=None, amp=None) -> tuple[torch.Tensor
     return after - before, t.perturbation.clone()
 
 
-def test_clipping_bounds_the_weight_step_and_leaves_the_perturbation_alone():
+def test_clipping_bounds_the_weight_step_not_the_perturbation():
     free_step, free_delta = weight_step(None)
     assert free_step.norm() > 0.5                      # so a bound of 0.05 does bite
     clipped_step, clipped_delta = weight_step(0.05)
@@ -107,7 +107,7 @@ def test_clipping_under_a_grad_scaler_works_in_true_units():
     assert step.norm() == pytest.approx(0.05, rel=2e-2)
 
 
-def test_natural_and_attack_methods_clip_too():
+def test_every_other_method_clips_too():
     torch.manual_seed(0)
     model = tiny_net()
     before = [p.detach().clone() for p in model.parameters()]
@@ -141,7 +141,7 @@ def test_ema_warms_up_then_averages_with_its_decay_per_optimizer_step():
     assert ema.updates == twin.updates == 10 ** 6 + 4
 
 
-def test_ema_copies_buffers_and_round_trips_through_its_state_dict():
+def test_ema_state_dict_round_trips_with_its_buffers():
     model = tiny_net()
     ema = ModelEMA(model, decay=0.999)
     (x, y), = minibatches([16])

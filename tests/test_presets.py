@@ -55,7 +55,7 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_a_clear_error():
         cfg.per_rank_batch(3)
 
 
-def test_there_are_convnext_and_vit_presets():
+def test_the_timm_presets_cover_convnext_with_vit():
     names = {load_config(p).model.name for p in TIMM}
     assert {"timm/convnext_tiny", "timm/vit_small_patch16_224"} <= names
 

@@ -22,7 +22,7 @@ def buffers(ranks: int, rows: int) -> list[dict]:
             for r in range(ranks)]
 
 
-def test_the_same_world_gets_its_own_buffers_back_and_nothing_is_lost_across_sizes():
+def test_a_redeal_keeps_every_row_the_new_world_can_hold():
     saved = buffers(2, 4)
     for r in range(2):
         mine, deal = redeal(saved, r, 2, 4)
@@ -34,7 +34,7 @@ def test_the_same_world_gets_its_own_buffers_back_and_nothing_is_lost_across_siz
     assert torch.equal(torch.cat(halves), buffers(1, 8)[0]["perturbation"])
 
 
-def test_a_changed_global_batch_drops_or_zero_fills_and_says_so():
+def test_a_changed_global_batch_drops_or_zero_fills_saying_so():
     saved = buffers(2, 4)
     grown, deal = redeal(saved, 2, 3, 4)                     # 12 rows wanted, 8 saved
     assert (deal.kept, deal.dropped, deal.zero_filled) == (8, 0, 4)
@@ -58,7 +58,7 @@ def test_a_global_batch_holds_the_same_images_on_any_world_size():
 
 
 @pytest.mark.slow
-def test_a_run_moves_from_2_ranks_to_1_and_back_keeping_its_warm_start_and_data_order(
+def test_a_run_moved_from_2_ranks_to_1_to_2_keeps_its_warm_start_with_the_data_order(
         demo_root, tmp_path):
     # Global batch 64: 32 per rank on 2 ranks, 64 on 1. One real epoch of 8 steps (900 of the
     # 1438 training digits held out).

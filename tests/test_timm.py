@@ -149,7 +149,7 @@ def ema_checkpoint(path):
 BLOCK_DIST_FREE = "import sys; sys.modules['dist_free'] = None  # timm alone, no dist_free\n"
 
 
-def test_the_export_holds_the_ema_and_loads_with_timm_alone(tmp_path):
+def test_the_export_holds_the_ema_loadable_with_timm_alone(tmp_path):
     ckpt, live, ema = ema_checkpoint(tmp_path / "best.pt")
     out = tmp_path / "export"
     model_card.export_checkpoint(ckpt, out)
@@ -212,7 +212,7 @@ def recipe_args(demo_root, run_dir):
             "eval.probes_per_epoch=0", "run.amp=off", "run.log_every=5", "tracking.enabled=false"]
 
 
-def test_a_run_interrupted_and_resumed_equals_an_uninterrupted_one(demo_root, tmp_path):
+def test_a_run_interrupted_then_resumed_equals_an_uninterrupted_one(demo_root, tmp_path):
     assert train.main(recipe_args(demo_root, tmp_path / "a")) == 0
     assert train.main(recipe_args(demo_root, tmp_path / "b"), hooks=StopAtFirstWrite()) == 0
     stopped = checkpoint.load(tmp_path / "b" / "demo" / "checkpoints" / "last.pt")

@@ -27,7 +27,7 @@ RECIPE = ["optim.name=adamw", "optim.lr=1e-3", "optim.weight_decay=0.05",
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
-def test_timm_models_free_train_under_torchrun_export_and_load_from_the_card(arch, demo_root,
+def test_timm_models_free_trained_under_torchrun_load_from_the_card(arch, demo_root,
                                                                           tmp_path, monkeypatch):
     proc = run_cmd(torchrun("--nproc_per_node=2", "--standalone", PROBE,
                             *demo_args(demo_root, tmp_path), *MODELS[arch], *RECIPE),
