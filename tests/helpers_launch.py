@@ -64,3 +64,27 @@ def wait_for_file(path: Path, proc: subprocess.Popen | None = None, timeout: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout} s")
         time.sleep(0.2)
+
+
+def stop_within(proc: subprocess.Popen, sig: int, grace_s: float) -> str:
+    """Send `sig`; assert a clean exit (status 0, no traceback) within `grace_s`; the output."""
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 0, out[-3000:]
+    assert took < grace_s, f"{took:.1f} s to stop after signal {sig}\n{out[-2000:]}"
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    print(f"stopped {took:.1f} s after signal {sig}")
+    return out
+
+
+def two_rank_states(out: Path) -> tuple[dict, dict]:
+    """The two ranks' final weights and perturbations (train_probe writes them): the weights must
+    agree, and each rank's warm-started perturbation is its own and non-zero."""
+    import torch
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_weights(r0["model"], r1["model"])
+    assert r0["perturbation"].abs().sum() > 0 and r1["perturbation"].abs().sum() > 0
+    assert not torch.equal(r0["perturbation"], r1["perturbation"])
+    return r0, r1

@@ -4,10 +4,19 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from helpers_launch import PROBE, ROOT, assert_ok, demo_args, free_port, probe_env, run_cmd, wait_for_file
+from helpers_launch import (
+    PROBE,
+    ROOT,
+    assert_ok,
+    demo_args,
+    free_port,
+    probe_env,
+    run_cmd,
+    stop_within,
+    wait_for_file,
+)
 from mlflow import MlflowClient
 
 from dist_free import checkpoint
@@ -23,14 +32,7 @@ def start(cmd, tmp_path, env=None):
 
 
 def stop_and_time(proc, sig=signal.SIGTERM) -> str:
-    """Send `sig`; assert a clean exit within the grace period; return the output."""
-    sent = time.monotonic()
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    took = time.monotonic() - sent
-    assert proc.returncode == 0, out[-3000:]
-    assert took < GRACE_S, f"{took:.1f} s to stop"
-    return out
+    return stop_within(proc, sig, GRACE_S)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from helpers_launch import ROOT, demo_args, probe_env, run_cmd, torchrun, wait_for_file
+from helpers_launch import ROOT, demo_args, probe_env, run_cmd, stop_within, torchrun, wait_for_file
 
 from dist_free import checkpoint
 
@@ -33,15 +33,7 @@ def start(args, tmp_path, **env):
 
 
 def stop_within_grace(proc, sig) -> str:
-    sent = time.monotonic()
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    took = time.monotonic() - sent
-    assert proc.returncode == 0, out[-3000:]
-    assert took < GRACE_S, f"{took:.1f} s to stop after {sig.name}\n{out[-2000:]}"
-    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
-    print(f"stopped {took:.1f} s after {sig.name}")
-    return out
+    return stop_within(proc, sig, GRACE_S)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

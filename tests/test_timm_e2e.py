@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers_launch import PROBE, assert_ok, assert_same_weights, demo_args, run_cmd, torchrun
+from helpers_launch import PROBE, assert_ok, demo_args, run_cmd, torchrun, two_rank_states
 
 from dist_free import checkpoint
 from dist_free.models import build_model, from_checkpoint
@@ -33,11 +33,7 @@ def test_timm_models_free_trained_under_torchrun_load_from_the_card(arch, demo_r
                             *demo_args(demo_root, tmp_path), *MODELS[arch], *RECIPE),
                    tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert_ok(proc)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert_same_weights(r0["model"], r1["model"])
-    # Each rank warm-starts its own perturbation buffer.
-    assert r0["perturbation"].abs().sum() > 0 and r1["perturbation"].abs().sum() > 0
-    assert not torch.equal(r0["perturbation"], r1["perturbation"])
+    r0, r1 = two_rank_states(tmp_path)
     state = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
     assert state["world_size"] == 2 and state["ema"]["updates"] == 4 * state["global_step"]
     cfg = state["config"]["model"]

@@ -214,9 +214,10 @@ def test_the_next_start_sends_exactly_what_a_killed_session_left_undelivered(
     assert not wal_logs(run_dir)
 
 
-def test_a_resumed_run_is_not_ended_by_the_status_an_earlier_session_left_in_its_wal(
-        tmp_path, store, monkeypatch):
-    blocked = threading.Event()
+def server_outage(monkeypatch):
+    """The uploader's sends fail while the returned event is set (the server is down); the list
+    collects the metric steps delivered, in order."""
+    blocked, order = threading.Event(), []
     blocked.set()
     real = uploader_module.send_batch
 
@@ -224,7 +225,14 @@ def test_a_resumed_run_is_not_ended_by_the_status_an_earlier_session_left_in_its
         if blocked.is_set():
             raise ConnectionError("the server is down")
         real(client, target, items, run_dir)
+        order.extend(row[3] for i in items if i["kind"] == "metrics" for row in i["metrics"])
     monkeypatch.setattr(uploader_module, "send_batch", send_batch)
+    return blocked, order
+
+
+def test_a_resumed_run_is_not_ended_by_the_status_an_earlier_session_left_in_its_wal(
+        tmp_path, store, monkeypatch):
+    blocked, _ = server_outage(monkeypatch)
     first = tracker_for(store[0], tmp_path, "resumed-killed", store[1])
     first.log_metrics({"loss": 0.0}, step=0)
     first.close(status="KILLED", timeout=0.5)  # SIGTERM during an outage: KILLED is in the WAL
@@ -342,16 +350,7 @@ def test_replay_caps_http_retries_against_a_dead_server(tmp_path, store, dead_ur
 
 def test_a_long_outage_holds_one_batch_in_memory_the_rest_arriving_in_order_from_the_journal(
         tmp_path, store, monkeypatch):
-    blocked, order = threading.Event(), []
-    blocked.set()
-    real = uploader_module.send_batch
-
-    def send_batch(client, target, items, run_dir):
-        if blocked.is_set():
-            raise ConnectionError("the server is down")
-        real(client, target, items, run_dir)
-        order.extend(row[3] for i in items if i["kind"] == "metrics" for row in i["metrics"])
-    monkeypatch.setattr(uploader_module, "send_batch", send_batch)
+    blocked, order = server_outage(monkeypatch)
     monkeypatch.setattr(tracker_module, "MAX_BACKOFF_S", 0.3)
     tracker = tracker_for(store[0], tmp_path, "bounded", store[1], memory_items=25)
     most = 0

@@ -18,6 +18,7 @@ from helpers_launch import (  # noqa: F401
     probe_env,
     run_cmd,
     torchrun,
+    two_rank_states,
     wait_for_file,
 )
 
@@ -30,10 +31,7 @@ def test_two_ranks_train_identical_weights_with_their_own_perturbations(demo_roo
     proc = run_cmd(torchrun("--nproc_per_node=2", "--standalone", PROBE,
                             *demo_args(demo_root, tmp_path)), tmp_path)
     assert_ok(proc)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert_same_weights(r0["model"], r1["model"])
-    assert r0["perturbation"].abs().sum() > 0 and r1["perturbation"].abs().sum() > 0
-    assert not torch.equal(r0["perturbation"], r1["perturbation"])
+    r0, r1 = two_rank_states(tmp_path)
     state = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and state["world_size"] == 2
     assert torch.equal(state["rank_states"][1]["perturbation"], r1["perturbation"])   # every rank saved
