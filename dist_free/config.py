@@ -24,7 +24,9 @@ import yaml
 
 # The allowed values live on the fields' types; tests check these equal the loader kinds and the
 # method registry, the two places that act on them.
-LoaderKind = Literal["auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic"]
+LoaderKind = Literal["auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic", "resident"]
+DataFormat = Literal["auto", "imagefolder", "cifar10-py", "cifar10-bin", "cifar100-py",
+                     "cifar100-bin"]
 MethodName = Literal["free", "natural", "pgd", "fast"]
 
 
@@ -55,6 +57,9 @@ class DataConfig:
     val_resize: int = 256            # val: shorter side resized to this, then centre crop
     min_area: float = 0.08           # random-resized-crop area range [min_area, 1]
     threads: int | None = None       # decode threads / DataLoader workers per rank
+    format: DataFormat = "auto"      # auto: CIFAR folders are recognised from their files
+    pad: int = 4                     # resident (CIFAR) loader: zero padding per side before
+                                     # the random 32x32 crop
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class OptimConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     epochs: int = 90                 # natural-training epochs; free runs ceil(epochs / replays)
+    steps: int | None = None         # instead of epochs: SGD steps counting every replay (the
+                                     # authors' CIFAR budget); milestones are then in steps too
     schedule: Literal["step", "cosine"] = "step"
     milestones: tuple[int, ...] = (30, 60)   # step schedule, natural-training epochs
     gamma: float = 0.1
@@ -167,10 +174,10 @@ POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.v
             "optim.lr_batch", "optim.epochs", "model.num_classes", "eval.every", "eval.eps",
             "eval.steps", "eval.step_size", "eval.restarts", "eval.max_batches", "run.log_every",
             "run.checkpoint_every", "data.threads", "data.global_batch", "eval.probe_batches",
-            "eval.probe_steps"}
+            "eval.probe_steps", "optim.steps"}
 NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "optim.label_smoothing", "optim.gamma", "run.seed", "eval.holdout",
-                "eval.probes_per_epoch"}
+                "eval.probes_per_epoch", "data.pad"}
 
 
 # Whole numbers are counts and sizes: anything beyond int64 is a typo, and torch would overflow.
@@ -324,6 +331,9 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"eval.collapse_drop must be in (0, 1], got {cfg.eval.collapse_drop}")
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones must be increasing, got {list(cfg.optim.milestones)}")
+    if cfg.optim.steps is not None:
+        from dist_free.budget import check_steps_budget
+        check_steps_budget(cfg)
     return cfg
 
 

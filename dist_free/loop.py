@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dist_free import checkpoint, distributed, environment, precision, runtime, validation
+from dist_free import budget, checkpoint, distributed, environment, precision, runtime, validation
 from dist_free.config import Config, flatten, to_yaml
 from dist_free.distributed import DistInfo
 from dist_free.export import export_checkpoint
@@ -163,10 +163,10 @@ def fit(run: Run) -> str:
     """Train to the end or to a stop; returns FINISHED, KILLED (a stop signal: everything done
     is saved) or FAILED (a collapse stopped the run), the status MLflow records."""
     cfg = run.cfg
-    log.info("%s training: %d epochs (%d natural-training epochs / %d replays), %d steps/epoch, "
-             "%d ranks on %s, loader %s, %s", cfg.method.name, cfg.real_epochs, cfg.optim.epochs,
-             cfg.replays, len(run.train_loader), run.d.world_size, run.d.device,
-             run.train_loader.kind, precision.resolve_amp(cfg.run.amp, run.d.device)[1])
+    log.info("%s training: %s, %d steps/epoch, %d ranks on %s, loader %s, %s", cfg.method.name,
+             budget.describe(cfg, len(run.train_loader)), len(run.train_loader),
+             run.d.world_size, run.d.device, run.train_loader.kind,
+             precision.resolve_amp(cfg.run.amp, run.d.device)[1])
     status = "FAILED"
     try:
         status = run_epochs(run)
@@ -186,7 +186,8 @@ def run_epochs(run: Run) -> str:
     cfg = run.cfg
     if run.eval_pending and not evaluate_epoch(run):     # stopped during it last time
         return "KILLED"
-    while run.epoch < cfg.real_epochs:
+    epochs = budget.real_epochs(cfg, len(run.train_loader))
+    while run.epoch < epochs:
         outcome = train_one_epoch(run)
         if outcome == "stopped":
             save(run, batch_in_epoch=run.start_batch)
@@ -196,7 +197,7 @@ def run_epochs(run: Run) -> str:
         if outcome == "collapsed":
             return stop_on_collapse(run)
         run.epoch, run.start_batch = run.epoch + 1, 0
-        last = run.epoch == cfg.real_epochs
+        last = run.epoch == epochs
         due = last or run.epoch % cfg.eval.every == 0
         if due or run.epoch % cfg.run.checkpoint_every == 0:
             save(run, eval_pending=due)     # the epoch's work is on disk before the evaluation
@@ -210,16 +211,17 @@ def train_one_epoch(run: Run) -> str:
     "collapsed" (the probe saw robust accuracy collapse and eval.on_collapse is not warn)."""
     cfg, loader = run.cfg, run.train_loader
     loader.set_epoch(run.epoch, run.start_batch)
-    steps = len(loader)
+    steps = budget.batches_in_epoch(cfg, run.epoch, len(loader))
     window = Window(run.d.device)
-    progress = Progress(run.d.is_main, cfg.run.progress, f"epoch {run.epoch + 1}/{cfg.real_epochs}",
+    epochs = budget.real_epochs(cfg, len(loader))
+    progress = Progress(run.d.is_main, cfg.run.progress, f"epoch {run.epoch + 1}/{epochs}",
                         steps, run.start_batch)
     batches = iter(loader)
     probes = validation.probe_points(steps, cfg.eval.probes_per_epoch)
     for i in range(run.start_batch, steps):
         images, labels = window.wait_for(batches)
-        lr = runtime.base_lr(cfg, run.d.world_size) * runtime.lr_factor(
-            cfg, (run.epoch + i / steps) * cfg.replays)
+        lr = runtime.base_lr(cfg, run.d.world_size) * budget.lr_factor(
+            cfg, run.epoch, i, steps, run.global_step)
         runtime.set_lr(run.optimizer, lr)
         window.add(run.method.train_step(images, labels), images.shape[0])
         run.global_step, run.start_batch = run.global_step + 1, i + 1
