@@ -286,8 +286,17 @@ def subset_text(subset: dict | None) -> str:
 
 
 def gradient_masking_md(gm: dict | None) -> list[str]:
-    if not gm:
+    from dist_free.masking import summary
+    if gm and "checks" not in gm:     # a report written before dist_free.masking
+        return legacy_masking_md(gm)
+    lines = summary(gm)
+    if not lines:
         return []
+    head = f"**Warning: {lines[0]}.**" if gm["flagged"] else f"Gradient masking: {lines[0]}."
+    return ["", head, *(f"- {line}" for line in lines[1:])]
+
+
+def legacy_masking_md(gm: dict) -> list[str]:
     gap = (f"PGD minus AutoAttack = {pct(gm['pgd_minus_autoattack'])} "
            f"(threshold {pct(gm['threshold'])})")
     if gm.get("flagged"):
