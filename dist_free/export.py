@@ -137,8 +137,9 @@ def input_spec(cfg: Config, model: torch.nn.Module) -> tuple[dict, dict]:
 
 def training_recipe(state: dict, cfg: Config) -> dict:
     o, world = cfg.optim, int(state.get("world_size") or 1)
-    global_batch = cfg.data.batch_size * world
-    return {"method": cfg.method.name, "replays": cfg.replays,
+    per_rank = cfg.per_rank_batch(world)
+    global_batch = per_rank * world
+    return {"method": cfg.method.name, "replays": cfg.replays, "sgd_steps_budget": o.steps,
             "eps": cfg.method.eps if cfg.method.name != "natural" else None,
             # The trainer's rules (config.py's module docstring, runtime.base_lr): free runs
             # ceil(natural epochs / replays) real epochs; lr scales linearly with the batch.
@@ -146,7 +147,7 @@ def training_recipe(state: dict, cfg: Config) -> dict:
             "epochs_completed_real": state["epoch"],
             "epochs_completed_natural": state["epoch"] * cfg.replays,
             "global_step": state.get("global_step"), "world_size": world,
-            "batch_per_rank": cfg.data.batch_size, "global_batch": global_batch,
+            "batch_per_rank": per_rank, "global_batch": global_batch,
             "lr": o.lr, "lr_batch": o.lr_batch, "peak_lr": o.lr * global_batch / o.lr_batch,
             "schedule": o.schedule, "milestones_natural": list(o.milestones), "gamma": o.gamma,
             "warmup_epochs_natural": o.warmup_epochs, "momentum": o.momentum,
@@ -309,6 +310,11 @@ def training_md(t: dict) -> list[str]:
     epochs = (f"{t['epochs_natural']} natural-training epochs = {t['epochs_real']} real epochs; "
               f"this checkpoint: {t['epochs_completed_real']} real "
               f"({t['epochs_completed_natural']} natural), step {t['global_step']}")
+    if t.get("sgd_steps_budget"):    # optim.steps: milestones are SGD steps too
+        epochs = (f"{t['sgd_steps_budget']} SGD steps counting every replay; this checkpoint: "
+                  f"{t['global_step']} minibatches x {t['replays']} = "
+                  f"{(t['global_step'] or 0) * t['replays']} SGD steps, "
+                  f"{t['epochs_completed_real']} epochs")
     sgd = (f"lr {t['lr']} per {t['lr_batch']} images -> peak {t['peak_lr']:.4g} at global batch "
            f"{t['global_batch']} ({t['world_size']} x {t['batch_per_rank']}); {t['schedule']} "
            f"schedule (milestones {t['milestones_natural']}, warm-up "

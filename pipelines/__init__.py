@@ -19,6 +19,9 @@ Honest selection (fixed, seed-independent choices; see datasets.py for the order
     subset=N    split "val" or "holdout" reads only its first N images in the fixed order.
     whole_batches=True   val/holdout shards are whole global batches, so each batch holds the
                 same images on any world size (see sharding.py).
+
+CIFAR-10/100 roots, as distributed (cifar.py), are read by the device-resident loader
+(resident.py, kind "resident", chosen by "auto"): the same epochs, shards and selections.
 """
 
 from __future__ import annotations
