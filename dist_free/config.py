@@ -24,7 +24,9 @@ import yaml
 
 # The allowed values live on the fields' types; tests check these equal the loader kinds and the
 # method registry, the two places that act on them.
-LoaderKind = Literal["auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic"]
+LoaderKind = Literal["auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic", "resident"]
+DataFormat = Literal["auto", "imagefolder", "cifar10-py", "cifar10-bin", "cifar100-py",
+                     "cifar100-bin"]
 MethodName = Literal["free", "natural", "pgd", "fast"]
 
 
@@ -59,6 +61,9 @@ class DataConfig:
     val_resize: int = 256            # val: shorter side resized to this, then centre crop
     min_area: float = 0.08           # random-resized-crop area range [min_area, 1]
     threads: int | None = None       # decode threads / DataLoader workers per rank
+    format: DataFormat = "auto"      # auto: CIFAR folders are recognised from their files
+    pad: int = 4                     # resident (CIFAR) loader: zero padding per side before
+                                     # the random 32x32 crop
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class OptimConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     epochs: int = 90                 # natural-training epochs; free runs ceil(epochs / replays)
+    steps: int | None = None         # instead of epochs: SGD steps counting every replay (the
+                                     # authors' CIFAR budget); milestones are then in steps too
     schedule: Literal["step", "cosine", "warmup_cosine"] = "step"
     milestones: tuple[int, ...] = (30, 60)   # step schedule, natural-training epochs
     gamma: float = 0.1
@@ -184,10 +191,10 @@ POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.v
             "optim.lr_batch", "optim.epochs", "model.num_classes", "eval.every", "eval.eps",
             "eval.steps", "eval.step_size", "eval.restarts", "eval.max_batches", "run.log_every",
             "run.checkpoint_every", "data.threads", "data.global_batch", "eval.probe_batches",
-            "eval.probe_steps", "optim.clip_grad_norm"}
+            "eval.probe_steps", "optim.clip_grad_norm", "optim.steps"}
 NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "optim.label_smoothing", "optim.gamma", "run.seed", "eval.holdout",
-                "eval.probes_per_epoch", "optim.warmup_start", "optim.lr_floor"}
+                "eval.probes_per_epoch", "optim.warmup_start", "optim.lr_floor", "data.pad"}
 
 
 # What a resume may be told to accept (dist_free/resume_guard.py compares them).
@@ -383,6 +390,8 @@ def _validate(cfg: Config) -> Config:
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones must be increasing, got {list(cfg.optim.milestones)}")
     _validate_modern(cfg)
+    if cfg.optim.steps is not None:
+        _validate_steps_budget(cfg.optim)
     return cfg
 
 
@@ -403,6 +412,16 @@ def _validate_modern(cfg: Config) -> None:
     if o.ema is not None and not 0 < o.ema < 1:
         raise ConfigError(f"optim.ema is a decay per optimizer step in (0, 1) (e.g. 0.9998), "
                           f"got {o.ema}")
+
+
+def _validate_steps_budget(o: OptimConfig) -> None:
+    """optim.steps puts the schedule in SGD steps (dist_free.lr_schedule.lr_factor_in_steps)."""
+    if o.warmup_epochs:
+        raise ConfigError("optim.warmup_epochs is in epochs; with optim.steps set the schedule is "
+                          "in steps and has no warm-up: set optim.warmup_epochs=0")
+    if o.schedule == "step" and o.milestones and o.milestones[-1] > o.steps:
+        raise ConfigError(f"optim.milestones are SGD steps when optim.steps is set: "
+                          f"{list(o.milestones)} go beyond optim.steps={o.steps}")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,6 +1,7 @@
 """``python -m dist_free.data``: dataset chores, a thin CLI over the ``pipelines`` package.
 
     python -m dist_free.data demo data/digits               # the README's demo dataset
+    python -m dist_free.data demo demo_cifar --format cifar10-py   # the same digits as CIFAR-10
     python -m dist_free.data verify /data/imagenet          # list every file a pipeline would choke on
     python -m dist_free.data prepare /data/imagenet --val-labels val_synsets.txt
 
@@ -33,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     demo.add_argument("--size", type=int, default=DEMO_SIZE, help="image side in pixels")
     demo.add_argument("--val-fraction", type=float, default=0.2)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--format", choices=("jpeg", "cifar10-py", "cifar10-bin"), default="jpeg",
+                      help="JPEGs in class folders (default), or a CIFAR-10 folder at 32x32 "
+                           "(the python version pickled as the distributed files are)")
     prepare = commands.add_parser("prepare", help="file list for ImageNet's flat val folder")
     prepare.add_argument("root")
     prepare.add_argument("--val-labels", required=True,
@@ -57,6 +61,12 @@ def run_demo(args) -> int:
         raise DataError(f"--size must be between 8 and 1024 pixels, got {args.size}")
     if not 0 < args.val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.format != "jpeg":
+        from pipelines.cifar_demo import write_cifar_demo
+        counts = write_cifar_demo(args.out, args.format, args.val_fraction, args.seed)
+        print(f"wrote {counts['train']} train and {counts['val']} test images as {args.format} "
+              f"to {args.out}")
+        return 0
     counts = write_demo(args.out, args.size, args.val_fraction, args.seed)
     print(f"wrote {counts['train']} train and {counts['val']} val JPEGs to {args.out}")
     return 0

@@ -25,8 +25,10 @@ a terminal, a log line every 30 s elsewhere.
 
 Every run writes a JSON report (schema: dist_free.report.build_report) beside the checkpoint
 or under --out, named eval_<attacks>_eps<eps x 255>_<dtype>_<all|subsetN>.json; an eps sweep
-also writes a Markdown table and a plot with the same name. When PGD and AutoAttack both run, a PGD accuracy
-more than --masking-gap above AutoAttack's is flagged as possible gradient masking. If the
+also writes a Markdown table and a plot with the same name. The results are checked for
+gradient masking by dist_free.masking (Square breaking what gradients could not, accuracy not
+falling with eps, a better optimiser of the same loss still helping); AutoAttack's margin-loss
+attacks beating the cross-entropy ones is reported as what it is, not flagged. If the
 checkpoint names an MLflow run and its config tracks, the numbers go to that run as final/*
 metrics, the protocol as final.* tags and the report as an artifact.
 """
@@ -115,7 +117,8 @@ def parse_args(argv):
     p.add_argument("--subset", type=number_type(int, 0),
                    help="evaluate only the fixed first N val images (see the module docstring)")
     p.add_argument("--masking-gap", type=number_type(float, 0, low_ok=True, high=1), default=0.03,
-                   help="flag PGD minus AutoAttack above this as gradient masking (default 0.03)")
+                   help="flag two runs of the same loss (PGD vs APGD-CE, fewer vs more steps) "
+                        "differing by more than this (default 0.03); see dist_free.masking")
     p.add_argument("--out", type=Path, help="folder for the report (default: the checkpoint's)")
     p.add_argument("--verbose", action="store_true", help="show AutoAttack's progress log")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dist_free import (
+    budget,
     checkpoint,
     distributed,
     environment,
@@ -240,10 +241,10 @@ def fit(run: Run) -> str:
     """Train to the end or to a stop; returns FINISHED, KILLED (a stop signal: everything done
     is saved) or FAILED (a collapse stopped the run), the status MLflow records."""
     cfg = run.cfg
-    log.info("%s training: %d epochs (%d natural-training epochs / %d replays), %d steps/epoch, "
-             "%d ranks on %s, loader %s, %s", cfg.method.name, cfg.real_epochs, cfg.optim.epochs,
-             cfg.replays, len(run.train_loader), run.d.world_size, run.d.device,
-             run.train_loader.kind, precision.resolve_amp(cfg.run.amp, run.d.device)[1])
+    log.info("%s training: %s, %d steps/epoch, %d ranks on %s, loader %s, %s", cfg.method.name,
+             budget.describe(cfg, len(run.train_loader)), len(run.train_loader),
+             run.d.world_size, run.d.device, run.train_loader.kind,
+             precision.resolve_amp(cfg.run.amp, run.d.device)[1])
     status = "FAILED"
     try:
         status = run_epochs(run)
@@ -263,7 +264,8 @@ def run_epochs(run: Run) -> str:
     cfg = run.cfg
     if run.eval_pending and not evaluate_epoch(run):     # stopped during it last time
         return "KILLED"
-    while run.epoch < cfg.real_epochs:
+    epochs = budget.real_epochs(cfg, len(run.train_loader))
+    while run.epoch < epochs:
         outcome = train_one_epoch(run)
         if outcome == "stopped":
             save(run, batch_in_epoch=run.start_batch)
@@ -273,7 +275,7 @@ def run_epochs(run: Run) -> str:
         if outcome == "collapsed":
             return stop_on_collapse(run)
         run.epoch, run.start_batch = run.epoch + 1, 0
-        last = run.epoch == cfg.real_epochs
+        last = run.epoch == epochs
         due = last or run.epoch % cfg.eval.every == 0
         if due or run.epoch % cfg.run.checkpoint_every == 0:
             save(run, eval_pending=due)     # the epoch's work is on disk before the evaluation
@@ -287,16 +289,17 @@ def train_one_epoch(run: Run) -> str:
     "collapsed" (the probe saw robust accuracy collapse and eval.on_collapse is not warn)."""
     cfg, loader = run.cfg, run.train_loader
     loader.set_epoch(run.epoch, run.start_batch)
-    steps = len(loader)
+    steps = budget.batches_in_epoch(cfg, run.epoch, len(loader))
     window = Window(run.d.device)
     # A log line at every log point (run.log_every steps), as the metrics are logged.
-    progress = Progress(f"epoch {run.epoch + 1}/{cfg.real_epochs}", steps, done=run.start_batch,
+    epochs = budget.real_epochs(cfg, len(loader))
+    progress = Progress(f"epoch {run.epoch + 1}/{epochs}", steps, done=run.start_batch,
                         enabled=run.d.is_main, mode=cfg.run.progress, log_every_s=0)
     batches = iter(loader)
     probes = validation.probe_points(steps, cfg.eval.probes_per_epoch)
     for i in range(run.start_batch, steps):
         images, labels = window.wait_for(batches)
-        lr = lr_schedule.lr_at(cfg, run.d.world_size, run.epoch + i / steps)
+        lr = lr_schedule.lr_at(cfg, run.d.world_size, run.epoch + i / steps, run.global_step)
         lr_schedule.set_lr(run.optimizer, lr)
         window.add(run.method.train_step(images, labels), images.shape[0])
         if run.ema is not None:      # free training took `replays` optimizer steps

@@ -5,6 +5,11 @@ Milestones and warm-up are in natural-training epochs (the paper's units): free 
 `replays` natural epochs' worth of SGD steps per real epoch, so the trainer passes
 real_epoch_progress * replays. `lr_factor` is a pure function of that progress, so a resumed run
 continues the schedule exactly from the saved step.
+
+Under a step budget (`optim.steps`, the authors' CIFAR recipe; see dist_free.budget) the schedule
+is in SGD steps counting every replay instead: milestones are steps, a cosine runs over the
+`optim.steps` steps, and there is no warm-up (config.py refuses one). `lr_factor_in_steps` is that
+schedule; `lr_at` picks the one the config asks for.
 """
 
 from __future__ import annotations
@@ -50,8 +55,21 @@ def half_cosine(natural_epoch: float, begin: float, end: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * t))
 
 
-def lr_at(cfg: Config, world_size: int, real_epoch: float) -> float:
-    """The lr at a point of training given in real epochs (epoch + fraction of it done)."""
+def lr_factor_in_steps(cfg: Config, sgd_steps: int) -> float:
+    """The multiplier on `base_lr` after `sgd_steps` SGD steps (minibatches x replays) of a run
+    with a step budget."""
+    o = cfg.optim
+    if o.schedule == "step":
+        return o.gamma ** sum(sgd_steps >= m for m in o.milestones)
+    floor = o.lr_floor if o.schedule == "warmup_cosine" else 0.0
+    return floor + (1.0 - floor) * half_cosine(sgd_steps, 0.0, o.steps)
+
+
+def lr_at(cfg: Config, world_size: int, real_epoch: float, global_step: int = 0) -> float:
+    """The lr at a point of training: `real_epoch` (epoch + fraction of it done) for an epoch
+    budget, `global_step` minibatches into the run for a step budget."""
+    if cfg.optim.steps is not None:
+        return base_lr(cfg, world_size) * lr_factor_in_steps(cfg, global_step * cfg.replays)
     return base_lr(cfg, world_size) * lr_factor(cfg, real_epoch * cfg.replays)
 
 

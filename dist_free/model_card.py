@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from dist_free import atomic, checkpoint, environment, model_info, models, timm_models
+from dist_free import atomic, checkpoint, environment, masking, model_info, models, timm_models
 from dist_free.config import Config, ConfigError, config_from_dict
 from dist_free.report import eps_text, pct, protocol
 
@@ -143,8 +143,9 @@ def input_spec(cfg: Config, model: torch.nn.Module) -> tuple[dict, dict]:
 
 def training_recipe(state: dict, cfg: Config) -> dict:
     o, world = cfg.optim, int(state.get("world_size") or 1)
-    global_batch = cfg.data.batch_size * world
-    return {"method": cfg.method.name, "replays": cfg.replays,
+    per_rank = cfg.per_rank_batch(world)
+    global_batch = per_rank * world
+    return {"method": cfg.method.name, "replays": cfg.replays, "sgd_steps_budget": o.steps,
             "eps": cfg.method.eps if cfg.method.name != "natural" else None,
             # The trainer's rules (config.py's module docstring, lr_schedule.base_lr): free runs
             # ceil(natural epochs / replays) real epochs; lr scales linearly with the batch.
@@ -152,7 +153,7 @@ def training_recipe(state: dict, cfg: Config) -> dict:
             "epochs_completed_real": state["epoch"],
             "epochs_completed_natural": state["epoch"] * cfg.replays,
             "global_step": state.get("global_step"), "world_size": world,
-            "batch_per_rank": cfg.data.batch_size, "global_batch": global_batch,
+            "batch_per_rank": per_rank, "global_batch": global_batch,
             "lr": o.lr, "lr_batch": o.lr_batch, "peak_lr": o.lr * global_batch / o.lr_batch,
             "schedule": o.schedule, "gamma": o.gamma,   # milestones: the step schedule's only
             "milestones_natural": list(o.milestones) if o.schedule == "step" else None,
@@ -307,8 +308,16 @@ def subset_text(subset: dict | None) -> str:
 
 
 def gradient_masking_md(gm: dict | None) -> list[str]:
-    if not gm:
+    if gm and "checks" not in gm:     # a report written before dist_free.masking
+        return legacy_masking_md(gm)
+    lines = masking.summary(gm)
+    if not lines:
         return []
+    head = f"**Warning: {lines[0]}.**" if gm["flagged"] else f"Gradient masking: {lines[0]}."
+    return ["", head, *(f"- {line}" for line in lines[1:])]
+
+
+def legacy_masking_md(gm: dict) -> list[str]:
     gap = (f"PGD minus AutoAttack = {pct(gm['pgd_minus_autoattack'])} "
            f"(threshold {pct(gm['threshold'])})")
     if gm.get("flagged"):
@@ -320,7 +329,8 @@ def schedule_text(t: dict) -> str:
     """The lr schedule as it ran: milestones only for the step schedule."""
     warm = t["warmup_epochs_natural"]
     if t["schedule"] == "step":
-        return (f"step schedule: x {t['gamma']} at natural epochs {t['milestones_natural']}"
+        unit = "SGD steps" if t.get("sgd_steps_budget") else "natural epochs"
+        return (f"step schedule: x {t['gamma']} at {unit} {t['milestones_natural']}"
                 + (f", after {warm} warm-up epochs" if warm else ""))
     if t["schedule"] == "warmup_cosine":
         return (f"linear warm-up over {warm} natural epochs from "
@@ -344,6 +354,11 @@ def training_md(t: dict) -> list[str]:
     epochs = (f"{t['epochs_natural']} natural-training epochs = {t['epochs_real']} real epochs; "
               f"this checkpoint: {t['epochs_completed_real']} real "
               f"({t['epochs_completed_natural']} natural), step {t['global_step']}")
+    if t.get("sgd_steps_budget"):    # optim.steps: milestones are SGD steps too
+        epochs = (f"{t['sgd_steps_budget']} SGD steps counting every replay; this checkpoint: "
+                  f"{t['global_step']} minibatches x {t['replays']} = "
+                  f"{(t['global_step'] or 0) * t['replays']} SGD steps, "
+                  f"{t['epochs_completed_real']} epochs")
     weights = (f"the EMA of the weights (decay {t['ema_decay']} per optimizer step)"
                if t.get("weights") == "ema" else "the trained weights (no EMA)")
     return [f"- method: {t['method']}, replays m = {t['replays']}, training eps {eps} (L-inf)",

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pipelines
-from dist_free import autoattack, checkpoint, precision
+from dist_free import autoattack, checkpoint, masking, precision
+from dist_free.masking import attack_tag
 
 
 def pct(x: float | None, spec: str = ".2f") -> str:
@@ -33,8 +34,9 @@ def build_report(args, state: dict, result: dict, eps_values: list[float], loade
 
     checkpoint {path, sha256, epoch, global_step}, split "val", images, subset (null or {n,
     selection, files_sha256}), dtype, world_size, seconds, clean {top1, top5}, results (one per
-    attack per eps; see result_rows), gradient_masking (null or {pgd_minus_autoattack,
-    threshold, flagged, eps}). batch_size and seed are recorded too: AutoAttack's per-image
+    attack per eps; see result_rows), gradient_masking (null or dist_free.masking.assess's
+    verdict: flagged, signs, checks, not_checked, threshold, ce_vs_margin,
+    pgd_minus_autoattack). batch_size and seed are recorded too: AutoAttack's per-image
     results depend on the batch an image is attacked in (see dist_free.autoattack).
     `args` holds the protocol as `python -m dist_free.evaluate` parses it.
     """
@@ -52,7 +54,7 @@ def build_report(args, state: dict, result: dict, eps_values: list[float], loade
         "batch_size": getattr(loader, "batch_size", None), "seed": 0,
         "clean": {"top1": result["top1"], "top5": result["top5"]},
         "results": results,
-        "gradient_masking": masking(results, args.masking_gap),
+        "gradient_masking": masking.assess(results, gap=args.masking_gap),
     }
 
 
@@ -74,26 +76,8 @@ def result_rows(args, result: dict, eps_values: list[float]) -> list[dict]:
     return rows
 
 
-def masking(results: list[dict], threshold: float) -> dict | None:
-    """The largest PGD-minus-AutoAttack gap over eps: AutoAttack is the stronger attack, so PGD
-    far above it means PGD's gradients were uninformative (masked), not that the model is robust."""
-    by_eps = {}
-    for r in results:
-        by_eps.setdefault(r["eps"], {})[r["attack"]] = r["robust_top1"]
-    gaps = {eps: a["pgd"] - a["autoattack"] for eps, a in by_eps.items() if len(a) == 2 and eps}
-    if not gaps:
-        return None
-    eps = max(gaps, key=gaps.get)
-    return {"pgd_minus_autoattack": gaps[eps], "threshold": threshold,
-            "flagged": gaps[eps] > threshold, "eps": eps}
-
-
 def report_eps(report: dict) -> list[float]:
     return sorted({r["eps"] for r in report["results"]})
-
-
-def attack_tag(r: dict) -> str:
-    return f"pgd{r['steps']}x{r['restarts']}" if r["attack"] == "pgd" else r["attack"]
 
 
 def report_stem(report: dict) -> str:
@@ -145,15 +129,12 @@ def print_report(report: dict) -> None:
             after = " (after " + ", ".join(f"{k} {pct(v)}" for k, v in r["robust_after"].items()) + ")"
         print(f"  eps {r['eps']:.5f} ({r['eps'] * 255:.4g}/255), {protocol(r, report['dtype'])}: "
               f"robust top-1 {pct(r['robust_top1'])}{after}")
-    gm = report["gradient_masking"]
-    if gm and gm["flagged"]:
-        print(f"\n!!! WARNING: POSSIBLE GRADIENT MASKING: at eps {gm['eps'] * 255:.4g}/255 PGD's "
-              f"robust accuracy is {pct(gm['pgd_minus_autoattack'])} above AutoAttack's "
-              f"(threshold {pct(gm['threshold'])}). Trust the AutoAttack number, not PGD's. !!!\n",
-              file=sys.stderr)
-    elif gm:
-        print(f"  PGD minus AutoAttack {pct(gm['pgd_minus_autoattack'])} (threshold "
-              f"{pct(gm['threshold'])}): no sign of gradient masking")
+    lines = masking.summary(report["gradient_masking"])
+    flagged = bool(lines) and report["gradient_masking"]["flagged"]
+    if flagged:
+        print(f"\n!!! WARNING: {lines[0]}. Do not trust these figures. !!!\n", file=sys.stderr)
+    for line in lines[1:] if flagged else lines:
+        print(f"  {line}")
 
 
 # ------------------------------------------------------------------ the eps sweep

@@ -7,6 +7,10 @@ identity (`identity`), and a resume compares it with what the loaders see now (`
 difference stops the run (CheckpointError: exit 2, the message names it) unless
 `run.accept_data_changes` lists it, and then it is logged and tagged.
 
+A CIFAR split (the resident loader) has no files of its own: its listing names images by index,
+so its digest also covers the loader's `content`, the format and a SHA-256 of the split's pixels
+and labels; a change of either is a "files" change. The format is recorded too.
+
 Checkpoints written before the identity existed are compared on what their config and class map
 say (root, holdout, classes); their file lists are unknown and not compared.
 """
@@ -23,21 +27,32 @@ log = logging.getLogger("dist_free.train")
 
 
 def file_digest(*loaders) -> dict | None:
-    """Count and SHA-256 of the sorted "file-name label" lines of the loaders' listings (None
-    for loaders without one, e.g. synthetic data without a root)."""
-    listings = [getattr(loader, "listing", None) for loader in loaders if loader is not None]
+    """Count and SHA-256 of the sorted "file-name label" lines of the loaders' listings, and of
+    their content digests where they have one (None for loaders without a listing, e.g.
+    synthetic data without a root)."""
+    loaders = [loader for loader in loaders if loader is not None]
+    listings = [getattr(loader, "listing", None) for loader in loaders]
     if not listings or any(listing is None for listing in listings):
         return None
     lines = sorted(f"{f.name} {label}\n" for listing in listings
                    for f, label in zip(listing.files, listing.labels))
-    return {"images": len(lines), "sha256": hashlib.sha256("".join(lines).encode()).hexdigest()}
+    contents = sorted({f"content {c['sha256']}\n" for loader in loaders
+                       if (c := getattr(loader, "content", None))})
+    digest = hashlib.sha256("".join(lines + contents).encode()).hexdigest()
+    return {"images": len(lines), "sha256": digest}
+
+
+def data_format(loader) -> str | None:
+    """The CIFAR format a resident loader read; None for image folders and synthetic data."""
+    content = getattr(loader, "content", None)
+    return content["format"] if content else None
 
 
 def identity(cfg, train_loader, val_loader, holdout_loader) -> dict:
     """What a checkpoint records of the data it was trained on. Training files are counted
     with the held-out ones: which of them are held out follows from `holdout` alone."""
     return {"root": str(Path(cfg.data.root).resolve()) if cfg.data.root else None,
-            "holdout": cfg.eval.holdout,
+            "holdout": cfg.eval.holdout, "format": data_format(train_loader),
             "train_files": file_digest(train_loader, holdout_loader),
             "val_files": file_digest(val_loader),
             "classes": dict(train_loader.class_to_idx)}
@@ -66,6 +81,9 @@ def differences(saved: dict, now: dict) -> dict[str, str]:
              f"{now[key]['images'] if now[key] else 'unknown'})"
              for key, split in (("train_files", "training"), ("val_files", "validation"))
              if saved.get(key) and saved[key] != now[key]]
+    if "format" in saved and saved["format"] != now["format"]:
+        files.append(f"the data format ({saved['format'] or 'image folders'}, now "
+                     f"{now['format'] or 'image folders'})")
     if files:
         found["files"] = " and ".join(files) + " differ from the checkpoint's"
     old, new = saved.get("classes"), now["classes"]

@@ -19,6 +19,9 @@ Which images (fixed, seed-independent choices; see datasets.py for the order):
     subset=N    split "val" or "holdout" reads only its first N images in the fixed order.
     whole_batches=True   val/holdout shards are whole global batches, so each batch holds the
                 same images on any world size (see sharding.py).
+
+CIFAR-10/100 roots, as distributed (cifar.py), are read by the device-resident loader
+(resident.py, kind "resident", chosen by "auto"): the same epochs, shards and selections.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from . import cifar
 from .crash_notes import check_crash_note
 from .datasets import (
     SELECTION,
@@ -45,9 +49,10 @@ from .verify import check_dataset, scan
 
 __all__ = ["build_loader", "check_dataset", "DataError", "KINDS", "resolve_kind", "scan",
            "list_split", "prepare_flat_val", "Listing", "split_listing", "selection_sha256",
-           "SELECTION", "LOADER_SPLITS"]
+           "SELECTION", "LOADER_SPLITS", "DATA_FORMATS"]
 
-KINDS = ("auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic")
+KINDS = ("auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic", "resident")
+DATA_FORMATS = ("auto", "imagefolder", *cifar.FORMATS)
 # Sizes the synthetic source pretends to have when given no dataset root (ImageNet-1k).
 IMAGENET_SIZES = {"train": 1_281_167, "val": 50_000}
 LOADER_SPLITS = ("train", "val", "holdout")
@@ -65,6 +70,8 @@ def resolve_kind(kind: str, device: torch.device) -> str:
         if not dali_available():
             return "torchvision"
         return "dali-gpu" if device.type == "cuda" and torch.cuda.is_available() else "dali-cpu"
+    if kind == "resident" and device.type not in ("cuda", "cpu"):
+        raise DataError(f"loader 'resident' runs on a cuda or cpu device, not {device}")
     if kind.startswith("dali") and not dali_available():
         raise DataError(f"loader {kind!r} needs nvidia-dali; install it or use 'torchvision'")
     if kind == "dali-gpu" and device.type != "cuda":
@@ -83,14 +90,20 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
                  min_area=0.08, rank=0, world_size=1, seed=0, device=torch.device("cpu"),
                  dtype=torch.float32, channels_last=False, num_threads=None, num_classes=None,
                  class_to_idx=None, holdout: int = 0, subset: int | None = None,
-                 whole_batches: bool = False, crash_note: Path | None = None):
+                 whole_batches: bool = False, crash_note: Path | None = None,
+                 data_format: str = "auto", pad: int = 4):
     """A loader of this rank's batches of ROOT's split; see the module docstring.
 
     crash_note: where a DALI loader notes the files in flight, so that a decoder crash (a
     segfault no Python survives) is blamed on its file at the next start: a note left by the
     last run is checked here first. Other loaders raise errors naming the file and need none.
+    data_format / pad: a CIFAR root (see cifar.py) is read by the device-resident loader
+    (resident.py), which pads each side by `pad` pixels before its random crop.
     """
     device = torch.device(device)
+    found = cifar.find(root, data_format) if kind != "synthetic" else None
+    if found or kind == "resident":
+        kind = resident_kind(kind, found, root)
     kind = resolve_kind(kind, device)
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
@@ -101,6 +114,9 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
     if kind == "synthetic":
         return synthetic_loader(root, split, batch_size, num_classes, class_to_idx, common,
                                 holdout, subset)
+    if kind == "resident":
+        return resident_loader(found, split, batch_size, class_to_idx, holdout, subset,
+                               whole_batches, pad, common)
     listing = split_listing(root, split, num_classes, class_to_idx, holdout, subset)
     threads = num_threads or default_threads(world_size)
     common["whole_batches"] = whole_batches
@@ -113,6 +129,41 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
         crash_note.parent.mkdir(parents=True, exist_ok=True)
     return DaliLoader(listing, split, batch_size, gpu=kind == "dali-gpu", num_threads=threads,
                       crash_note=crash_note, **common)
+
+
+def resident_kind(kind: str, found, root) -> str:
+    """CIFAR roots are read by the resident loader; it reads nothing else."""
+    if not found:
+        raise DataError(f"loader 'resident' reads CIFAR folders ({', '.join(cifar.DISTRIBUTED)}); "
+                        f"{root} is not one")
+    if kind not in ("auto", "resident"):
+        raise DataError(f"{root} is a CIFAR dataset ({found[1]}): it is read by loader "
+                        f"'resident' (or 'auto'), not {kind!r}, which decodes JPEG folders")
+    return "resident"
+
+
+def resident_loader(found, split, batch_size, class_to_idx, holdout, subset, whole_batches,
+                    pad, common):
+    from .resident import ResidentLoader, cifar_listing
+    if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad <= 16:
+        raise DataError(f"pad must be a whole number of pixels in 0..16, got {pad!r}")
+    folder, fmt = found
+    data = cifar.read_split(folder, fmt, "val" if split == "val" else "train")
+    listing = cifar_listing(data, "val" if split == "val" else "train")
+    if class_to_idx is not None and dict(class_to_idx) != listing.class_to_idx:
+        raise DataError(f"{folder}: its classes differ from the run's class map")
+    listing = select_split(listing, split, holdout, subset)
+    return ResidentLoader(listing, data.images, split, batch_size, pad=pad,
+                          content={"format": fmt, "sha256": data.sha256},
+                          whole_batches=whole_batches, **common)
+
+
+def select_split(listing: Listing, split: str, holdout: int, subset: int | None) -> Listing:
+    """The holdout and subset selections of datasets.py applied to a split's listing."""
+    if split != "val" and holdout:
+        train, held = holdout_split(listing, holdout)
+        listing = held if split == "holdout" else train
+    return take_subset(listing, subset, f"split {split!r}") if subset is not None else listing
 
 
 def check_selection(split: str, holdout, subset) -> None:

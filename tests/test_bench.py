@@ -81,6 +81,8 @@ def test_quick_timings_with_rates_are_positive(quick_run):
     assert min(v["median"] for v in r["pipeline"]["images_per_s"].values()) > 0
     assert r["e2e"]["jpeg"]["images_per_s"] > 0 and r["e2e"]["synthetic"]["images_per_s"] > 0
     assert 0 <= r["e2e"]["jpeg"]["data_wait_frac"] <= 1
+    assert min(v["median"] for v in r["resident"]["loader_images_per_s"].values()) > 0
+    assert 0 <= r["resident"]["training"]["resident"]["data_wait_frac"] <= 1
     assert r["memory"]["free"]["peak_bytes"] > 0 and r["memory"]["natural"]["peak_bytes"] > 0
     for world, run in r["scaling"]["runs"].items():
         assert all(rank["free"]["images_per_s_per_rank"] > 0 for rank in run["ranks"]), world

@@ -5,11 +5,15 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 from helpers_launch import ROOT, assert_ok, demo_args, run_cmd
 
+import pipelines
 from dist_free import checkpoint
-from dist_free.resume_guard import check, differences
+from dist_free.config import load_config
+from dist_free.resume_guard import check, differences, identity
+from pipelines.cifar_write import write_cifar
 
 SURVIVAL = str(ROOT / "tests" / "survival_probe.py")
 SAVED = {"root": "/data/a", "holdout": 100, "classes": {"cat": 0, "dog": 1},
@@ -38,6 +42,40 @@ def test_a_checkpoint_without_an_identity_is_checked_on_its_config(tmp_path):
         check(state, now, (), tmp_path / "last.pt")
     assert "run.accept_data_changes=[holdout]" in str(refused.value)
     assert check(state, now, ("holdout",), tmp_path / "last.pt").keys() == {"holdout"}
+
+
+def cifar_identity(root, holdout=0):
+    """The identity a CIFAR run (resident loader, no file list) records."""
+    cfg = load_config(ROOT / "configs/cifar_demo.yaml", [f"data.root={root}",
+                                                         f"eval.holdout={holdout}"])
+    build = lambda split: pipelines.build_loader("auto", root, split, batch_size=8,  # noqa: E731
+                                                 holdout=holdout)
+    return identity(cfg, build("train"), build("val"), build("holdout") if holdout else None)
+
+
+def test_a_cifar_run_is_identified_by_its_format_and_its_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, 40)
+    splits = {"train": (images[:30], labels[:30]), "val": (images[30:], labels[30:])}
+    names = [f"c{i}" for i in range(10)]
+    root = write_cifar(tmp_path / "a" / "cifar-10-batches-py", "cifar10-py", splits, names)
+    saved = cifar_identity(root, holdout=5)
+    assert saved["format"] == "cifar10-py" and saved["train_files"]["images"] == 30
+    assert differences(saved, cifar_identity(root, holdout=5)) == {}
+    # Same labels, one pixel changed: the index listing alone would not see it.
+    changed = images.copy()
+    changed[3, 0, 0, 0] ^= 1
+    write_cifar(root, "cifar10-py", {"train": (changed[:30], labels[:30])}, names)
+    found = differences(saved, cifar_identity(root, holdout=5))
+    assert set(found) == {"files"} and "training file list" in found["files"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"accept_data_changes=\[files\]"):
+        check({"data": saved}, cifar_identity(root, holdout=5), (), tmp_path / "last.pt")
+    # The same arrays in the binary version: a change of format, named as such.
+    other = write_cifar(tmp_path / "a" / "cifar-10-batches-bin", "cifar10-bin", splits, names)
+    now = {**cifar_identity(other, holdout=5), "root": saved["root"]}
+    assert now["train_files"] == saved["train_files"]
+    assert "data format (cifar10-py, now cifar10-bin)" in differences(saved, now)["files"]
 
 
 @pytest.mark.slow

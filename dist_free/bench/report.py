@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dist_free.bench.resident import resident_lines
 from dist_free.report import pct
 
 MB = 2**20
@@ -236,7 +237,8 @@ def eval_lines(ev: dict) -> list[str]:
 
 LINES = {"step": step_lines, "floor": floor_lines, "update": update_lines,
          "pipeline": pipeline_lines, "e2e": e2e_lines, "reference": reference_lines,
-         "memory": memory_lines, "scaling": scaling_lines, "eval": eval_lines}
+         "memory": memory_lines, "scaling": scaling_lines, "eval": eval_lines,
+         "resident": resident_lines}
 
 
 def format_table(result: dict) -> str:

@@ -12,7 +12,8 @@ perturbation update vs a plain copy), pipeline (DALI vs the torchvision DataLoad
 e2e (free training on JPEGs vs the synthetic source), reference (our trainer vs a restatement of
 the authors' loop, end to end on the same JPEGs), memory (free vs natural peak), scaling (DDP
 images/s per rank at world size 1 and 2, same threads per rank; all-reduced bytes and share of
-time), eval (PGD and AutoAttack images/s per rank at world size 1 and 2).
+time), eval (PGD and AutoAttack images/s per rank at world size 1 and 2), resident (the
+device-resident CIFAR loader vs DALI and the DataLoader on the same 32x32 images as JPEGs).
 
 Every figure is a median over interleaved repeats, with its spread, and names the device it ran
 on. Ratios measured side by side are the portable result; absolute times only compare between
@@ -41,7 +42,8 @@ from dist_free import environment, precision
 from dist_free.bench import pipeline, timing, workers
 from dist_free.bench.report import format_table, update_results_md
 
-PARTS = ("step", "floor", "update", "pipeline", "e2e", "reference", "memory", "scaling", "eval")
+PARTS = ("step", "floor", "update", "pipeline", "e2e", "reference", "memory", "scaling", "eval",
+         "resident")
 
 
 @dataclass
@@ -264,9 +266,19 @@ def part_eval(cfg: BenchConfig, device, workdir: Path) -> dict:
     return {"settings": {**w, "threads_per_rank": 1}, "runs": runs}
 
 
+def part_resident(cfg: BenchConfig, device, workdir: Path) -> dict:
+    from dist_free.bench.resident import resident_vs_jpeg
+    count = 64 if cfg.quick else 2048
+    return resident_vs_jpeg(workdir, count, 8 if cfg.quick else 128, device,
+                            os.cpu_count() or 1, max(1, min(cfg.repeats, 3)),
+                            model_name="small_cnn" if cfg.quick else "wrn16_4",
+                            max_batches=2 if cfg.quick else 8)
+
+
 SECTIONS = {"step": part_step, "floor": part_floor, "update": part_update,
             "pipeline": part_pipeline, "e2e": part_e2e, "reference": part_reference,
-            "memory": part_memory, "scaling": part_scaling, "eval": part_eval}
+            "memory": part_memory, "scaling": part_scaling, "eval": part_eval,
+            "resident": part_resident}
 
 
 def run_suite(cfg: BenchConfig, log=print) -> dict:
