@@ -82,24 +82,25 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_saved_weights(demo_root, 
 
 
 def test_a_sigterm_mid_epoch_resumes_at_the_batch_it_saved(demo_root, tmp_path):
-    # The process signals itself after its 7th step; the loop checks for a stop at each log point
-    # (log_every=5), so it must stop and save at step 10 of epoch 1, mid-epoch.
+    # The process signals itself after its 7th step; the loop checks for a stop after every step
+    # (dist_free/stop_vote.py; one process needs no vote), so it stops and saves at step 7 of
+    # epoch 1, mid-epoch, between two log points (log_every=5).
     cmd = [sys.executable, PROBE, *demo_args(demo_root, tmp_path, "optim.epochs=8")]
     assert_ok(run_cmd(cmd, tmp_path, env={"PROBE_SIGTERM_AT_STEP": "7"}))
     saved = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
-    assert (saved["epoch"], saved["batch_in_epoch"], saved["global_step"]) == (0, 10, 10)
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["global_step"]) == (0, 7, 7)
     assert not (tmp_path / "rank0.pt").exists()               # it stopped, it did not finish
     assert_ok(run_cmd(cmd, tmp_path))
     resumed = torch.load(tmp_path / "resumed_rank0.pt", weights_only=True)
-    assert (resumed["epoch"], resumed["start_batch"], resumed["global_step"]) == (0, 10, 10)
+    assert (resumed["epoch"], resumed["start_batch"], resumed["global_step"]) == (0, 7, 7)
     for k, v in saved["model"].items():
         assert torch.equal(resumed["model"][k], v), k
     done = torch.load(tmp_path / "rank0.pt", weights_only=True)
     final = checkpoint.load(tmp_path / "demo" / "checkpoints" / "last.pt")
-    # The interrupted epoch was finished from batch 10, not restarted: two epochs' steps in all.
+    # The interrupted epoch was finished from batch 7, not restarted: two epochs' steps in all.
     assert done["steps_per_epoch"] > 10
     assert final["epoch"] == 2 and final["global_step"] == 2 * done["steps_per_epoch"]
-    assert done["steps_run"] == 2 * done["steps_per_epoch"] - 10
+    assert done["steps_run"] == 2 * done["steps_per_epoch"] - 7
 
 
 def test_a_worker_killed_under_torchrun_is_restarted_resuming_the_run(demo_root, tmp_path):
@@ -117,13 +118,14 @@ def no_worker_traceback(stderr: str) -> bool:
 
 
 def assert_user_error_exit(proc, under_torchrun: bool) -> None:
-    """Exit status 2; under torchrun, every worker's 2 (torchrun itself exits 1 and lists them)."""
+    """Exit status 2; under torchrun (which itself exits 1 and lists its workers), a worker's 2,
+    and no other status than 2 or torchrun's own SIGTERM (-15) to a sibling still starting up."""
     if not under_torchrun:
         assert proc.returncode == 2, proc.stderr[-3000:]
         return
     assert proc.returncode == 1, proc.stderr[-3000:]
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
-    assert codes and set(codes) == {"2"}, proc.stderr[-3000:]
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr))
+    assert "2" in codes and codes <= {"2", "-15"}, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -470,8 +470,11 @@ class TorchvisionDecoder:
 
 def dali_importable() -> bool:
     import importlib.util
-    return importlib.util.find_spec("nvidia") is not None and \
-        importlib.util.find_spec("nvidia.dali") is not None
+    try:
+        return importlib.util.find_spec("nvidia") is not None and \
+            importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:         # a namespace parent that cannot be imported: no DALI either
+        return False
 
 
 def check_decode(s: Sizes, device, work: Path) -> Result:

@@ -88,7 +88,7 @@ class NullTracker:
     def stop_soon(self) -> None: ...
     def close(self, timeout: float | None = None, status: str = "FINISHED") -> None: ...
     def logged_through(self, key: str, timeout: float = 5.0) -> int: return -1
-    def steps_logged(self, keys, timeout: float = 5.0) -> dict[str, int]: return dict.fromkeys(keys, -1)
+    def steps_logged(self, keys, timeout: float = 30.0) -> dict[str, int]: return dict.fromkeys(keys, -1)
     def backlog(self) -> dict[str, int]: return {"in_memory": 0, "unsent": 0, "wal_bytes": 0,
                                                  "lost": 0}
 
@@ -197,17 +197,24 @@ class Tracker(NullTracker):
         """The highest step of metric `key` this run holds or will receive, or -1 if unknown."""
         return self.steps_logged([key], timeout)[key]
 
-    def steps_logged(self, keys, timeout: float = 5.0) -> dict[str, int]:
+    def steps_logged(self, keys, timeout: float = 30.0) -> dict[str, int]:
         """For each metric key, the highest step this run holds or will receive (-1: unknown).
 
         A resumed run re-runs the steps after its checkpoint; the trainer skips logging those
         MLflow already has, or an earlier session's journal will still send, so no step appears
         twice. The server is asked once, at resume, in a helper thread so an unreachable one
         costs at most `timeout` s (then nothing is skipped: a duplicate is better than a gap).
+        The first request pays for the client's start-up (seconds for a SQLite store's schema
+        check on a loaded machine), hence the generous default.
         """
-        keys = list(keys)
+        keys = list(dict.fromkeys(keys))
         if self._target.run_id is None:
             return dict.fromkeys(keys, -1)
+        # Earlier sessions' journals first, MLflow second: the live uploader may be replaying a
+        # journal meanwhile, and an item it delivers in between is then in MLflow's answer (asked
+        # the other way round, it could be in neither, and be logged twice).
+        pending = {key: pending_max_step(self._run_dir, key, self._target.run_id, skip=self._sid)
+                   for key in keys}
         answer = {}
 
         def ask():
@@ -224,8 +231,7 @@ class Tracker(NullTracker):
             log.warning("could not ask MLflow which steps run %s already has; steps re-run "
                         "after the checkpoint may be logged twice", self._target.run_id)
             return dict.fromkeys(keys, -1)
-        return {key: max(answer[key], pending_max_step(self._run_dir, key, self._target.run_id,
-                                                       skip=self._sid)) for key in keys}
+        return {key: max(answer[key], pending[key]) for key in keys}
 
     # -- the caller's side
 
