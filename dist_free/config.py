@@ -41,7 +41,7 @@ class ModelConfig:
     channels_last: bool = True       # NHWC: faster convolutions under autocast on GPUs
     sync_bn: bool = False            # BatchNorm statistics over all ranks (small per-rank batches)
     compile: bool = False            # torch.compile the model
-    # timm architectures (model.name: timm/<name>, see dist_free.timm_models): arguments timm's
+    # timm architectures (model.name: timm/<name>, see dist_free.engine.timm_models): arguments timm's
     # create_model takes, as data, e.g. {img_size: 32, patch_size: 4, drop_path_rate: 0.1}
     kwargs: dict = field(default_factory=dict)
     init: str | None = None          # a local .safetensors to start from (shape-checked)
@@ -68,7 +68,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: MethodName = "free"        # see dist_free.methods
+    name: MethodName = "free"        # see dist_free.engine.methods
     eps: float = 4 / 255             # L-inf radius, pixel units
     replays: int = 4                 # free: the paper's m
     step_size: float | None = None   # free: eps; pgd: 2.5 eps / steps; fast: 1.25 eps
@@ -91,7 +91,7 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0       # linear warm-up, natural-training epochs
     label_smoothing: float = 0.0
-    name: Literal["sgd", "adamw"] = "sgd"   # see dist_free.optim
+    name: Literal["sgd", "adamw"] = "sgd"   # see dist_free.engine.optim
     betas: tuple[float, ...] = (0.9, 0.999)  # adamw
     wd_exempt: bool | Literal["auto"] = "auto"   # no weight decay on norms, biases, position and
                                      # class tokens; auto: for adamw only (sgd decays everything)
@@ -197,7 +197,7 @@ NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "eval.probes_per_epoch", "optim.warmup_start", "optim.lr_floor", "data.pad"}
 
 
-# What a resume may be told to accept (dist_free/resume_guard.py compares them).
+# What a resume may be told to accept (dist_free/trainer/resume/data_guard.py compares them).
 DATA_CHANGES = ("root", "files", "holdout", "classes")
 
 
@@ -396,7 +396,7 @@ def _validate(cfg: Config) -> Config:
 
 
 def _validate_modern(cfg: Config) -> None:
-    """The timm/AdamW/EMA fields (dist_free.timm_models, optim, ema)."""
+    """The timm/AdamW/EMA fields (dist_free.engine.timm_models, optim, ema)."""
     m, o = cfg.model, cfg.optim
     if m.kwargs and not m.name.startswith("timm/"):
         raise ConfigError(f"model.kwargs: only timm architectures (model.name: timm/<name>) take "
@@ -415,7 +415,7 @@ def _validate_modern(cfg: Config) -> None:
 
 
 def _validate_steps_budget(o: OptimConfig) -> None:
-    """optim.steps puts the schedule in SGD steps (dist_free.lr_schedule.lr_factor_in_steps)."""
+    """optim.steps puts the schedule in SGD steps (dist_free.trainer.schedule.lr_factor_in_steps)."""
     if o.warmup_epochs:
         raise ConfigError("optim.warmup_epochs is in epochs; with optim.steps set the schedule is "
                           "in steps and has no warm-up: set optim.warmup_epochs=0")

@@ -17,16 +17,16 @@ Protocol (the defaults are the final-report protocol, not the run's in-training 
                        checkpoint is measured on the same N; the report fingerprints the list.
 
 Counts are exact: the val set (or subset) is cut into global batches of the run's val batch
-size and each rank evaluates a contiguous range of whole batches; dist_free.robust_eval counts
+size and each rank evaluates a contiguous range of whole batches; dist_free.evaluation.robust_eval counts
 them and sums the counts over ranks, so 1 and N ranks give identical numbers.
 
 Rank 0 shows its progress (the attack and eps being run, images done, rate, time left): a bar on
 a terminal, a log line every 30 s elsewhere.
 
-Every run writes a JSON report (schema: dist_free.report.build_report) beside the checkpoint
+Every run writes a JSON report (schema: dist_free.evaluation.report.build_report) beside the checkpoint
 or under --out, named eval_<attacks>_eps<eps x 255>_<dtype>_<all|subsetN>.json; an eps sweep
 also writes a Markdown table and a plot with the same name. The results are checked for
-gradient masking by dist_free.masking (Square breaking what gradients could not, accuracy not
+gradient masking by dist_free.evaluation.masking (Square breaking what gradients could not, accuracy not
 falling with eps, a better optimiser of the same loss still helping); AutoAttack's margin-loss
 attacks beating the cross-entropy ones is reported as what it is, not flagged. If the
 checkpoint names an MLflow run and its config tracks, the numbers go to that run as final/*
@@ -43,12 +43,14 @@ import time
 from pathlib import Path
 
 import pipelines
-from dist_free import autoattack, checkpoint, distributed, precision, report, runtime
+from dist_free import checkpoint, distributed, precision
 from dist_free.config import ConfigError, config_from_dict, parse_fraction
-from dist_free.models import eval_weights
+from dist_free.evaluation import autoattack, report
+from dist_free.evaluation.robust_eval import ATTACKS, evaluate
 from dist_free.progress import Progress
-from dist_free.robust_eval import ATTACKS, evaluate
+from dist_free.publish.load import eval_weights
 from dist_free.tracking.uri import bound_http_retries, resolve_uri
+from dist_free.trainer import runtime
 
 FINAL_PGD = (50, 10)   # steps, restarts: the final-report protocol
 AMP_CHOICES = ("off", "bf16", "fp16")
@@ -118,7 +120,7 @@ def parse_args(argv):
                    help="evaluate only the fixed first N val images (see the module docstring)")
     p.add_argument("--masking-gap", type=number_type(float, 0, low_ok=True, high=1), default=0.03,
                    help="flag two runs of the same loss (PGD vs APGD-CE, fewer vs more steps) "
-                        "differing by more than this (default 0.03); see dist_free.masking")
+                        "differing by more than this (default 0.03); see dist_free.evaluation.masking")
     p.add_argument("--out", type=Path, help="folder for the report (default: the checkpoint's)")
     p.add_argument("--verbose", action="store_true", help="show AutoAttack's progress log")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",

@@ -1,9 +1,9 @@
-"""The `export` command: a training checkpoint as weights plus a model card (dist_free.model_card).
+"""The `export` command: a training checkpoint as weights plus a model card (dist_free.publish.card).
 
     python -m dist_free.export runs/free/checkpoints/best.pt export/ [--report eval.json] [--force]
 
 OUT receives model.safetensors, model.pt, model_card.json, MODEL_CARD.md and model_info.json
-(RobustBench's layout); see dist_free.model_card for what each holds and how the card is filled.
+(RobustBench's layout); see dist_free.publish.card for what each holds and how the card is filled.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from dist_free import checkpoint
-from dist_free.model_card import ExportError, export_checkpoint
+from dist_free.publish.card import ExportError
+from dist_free.publish.export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

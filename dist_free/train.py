@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import NoReturn
 
 import pipelines
-from dist_free import checkpoint, distributed, job_stop, runtime
+from dist_free import checkpoint, distributed
 from dist_free.config import ConfigError, load_config
-from dist_free.loop import Hooks, Run, fit
 from dist_free.tracking.uri import TrackingConfigError, check_uri
+from dist_free.trainer import runtime
+from dist_free.trainer.loop import fit
+from dist_free.trainer.run import Hooks, Run
+from dist_free.trainer.stops import job_stop
 
 log = logging.getLogger("dist_free.train")
 # Problems with the user's data, checkpoint or config: a message, not a traceback.

@@ -72,7 +72,7 @@ class ResidentLoader(ShardedLoader):
                  content: dict | None = None, **common):
         super().__init__(listing, split, batch_size, **common)
         # {"format", "sha256"} of the split read: what a resume compares beyond the listing
-        # (whose "file names" are only indices; see dist_free/resume_guard.py).
+        # (whose "file names" are only indices; see dist_free/trainer/resume/data_guard.py).
         self.content = content
         device = self.format.device
         # Once per loader: the selected images, uint8, on the device.

@@ -33,7 +33,7 @@ def digits_model():
     """A small CNN trained naturally on scikit-learn's digits: ~98% clean accuracy, not robust."""
     from sklearn.datasets import load_digits
 
-    from dist_free.models import NormalizedModel, small_cnn
+    from dist_free.engine.models import NormalizedModel, small_cnn
     d = load_digits()
     x = torch.tensor(d.images[:600], dtype=torch.float32).div(16).unsqueeze(1).repeat(1, 3, 1, 1)
     y = torch.tensor(d.target[:600])

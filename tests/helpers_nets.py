@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from dist_free.models import NormalizedModel
+from dist_free.engine.models import NormalizedModel
 
 
 def tiny_net(seed=0):

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from train_probe import Probe
 
-from dist_free import loop, train
+from dist_free import train
 from dist_free.tracking import NullTracker
+from dist_free.trainer import loop
 
 OUT = Path(os.environ["PROBE_OUT"])
 ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

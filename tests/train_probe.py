@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from dist_free import runtime, train, validation
-from dist_free.loop import Hooks
+from dist_free import train
+from dist_free.trainer import runtime, validation
+from dist_free.trainer.run import Hooks
 
 OUT = Path(os.environ["PROBE_OUT"])
 

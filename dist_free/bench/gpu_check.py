@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 from dist_free import environment
 from dist_free.bench import timing
-from dist_free.free import FreeAdversarialTrainer, UpdateWork, compiled_free_update, free_update
-from dist_free.methods import build_method
-from dist_free.models import build_model
+from dist_free.engine.free import FreeAdversarialTrainer, UpdateWork, compiled_free_update, free_update
+from dist_free.engine.methods import build_method
+from dist_free.engine.models import build_model
 from dist_free.precision import DTYPES
 
 

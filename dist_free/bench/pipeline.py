@@ -17,8 +17,8 @@ from PIL import Image
 
 import pipelines
 from dist_free.bench.timing import sync, target
-from dist_free.methods import build_method
-from dist_free.models import build_model
+from dist_free.engine.methods import build_method
+from dist_free.engine.models import build_model
 from dist_free.precision import DTYPES
 
 JPEG_QUALITY = 90

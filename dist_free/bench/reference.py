@@ -26,7 +26,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from dist_free.models import IMAGENET_MEAN, IMAGENET_STD
+from dist_free.engine.models import IMAGENET_MEAN, IMAGENET_STD
 
 
 def imagefolder_loader(root: str | Path, batch: int, image_size: int, workers: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_free.bench.resident import resident_lines
-from dist_free.report import pct
+from dist_free.evaluation.report import pct
 
 MB = 2**20
 
@@ -226,7 +226,7 @@ def eval_lines(ev: dict) -> list[str]:
     return [f"### {{n}}. Evaluation throughput: {s['model']} {s['image_size']} px, {s['classes']} classes, "
             f"eps {s['eps'] * 255:.3g}/255, {s['threads_per_rank']} thread per rank", ""] + table(
         ["world", "attack", "images/s per rank", "images/s total", "robust (rank 0)"], rows) + [
-        "", f"PGD: dist_free.attacks.robust_correct, {s['pgd_steps']} steps x {s['pgd_restarts']} "
+        "", f"PGD: dist_free.engine.attacks.robust_correct, {s['pgd_steps']} steps x {s['pgd_restarts']} "
         f"restart(s), batch {s['batch']}/rank; its cost does not depend on the model's robustness. "
         f"AutoAttack: standard L-inf via {src}, one run per rank; each attack runs only on the images "
         f"the earlier ones left robust, so its cost grows with robust accuracy. Fresh network: "

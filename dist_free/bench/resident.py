@@ -18,8 +18,8 @@ from PIL import Image
 
 import pipelines
 from dist_free.bench.pipeline import epoch_rate, pipeline_kinds, summary_of, train_rate
-from dist_free.methods import build_method
-from dist_free.models import build_model
+from dist_free.engine.methods import build_method
+from dist_free.engine.models import build_model
 from pipelines.cifar_write import write_cifar
 
 JPEG_QUALITY = 95

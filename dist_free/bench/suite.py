@@ -302,7 +302,7 @@ def slug(text: str) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dist_free.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="any dist_free.models name, e.g. resnet50, small_cnn")
+    p.add_argument("--model", help="any dist_free.engine.models name, e.g. resnet50, small_cnn")
     p.add_argument("--image-size", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--dtype", help="comma list of fp32, bf16, fp16 (autocast)")

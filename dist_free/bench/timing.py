@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_free import linf
-from dist_free.free import UpdateWork, compiled_free_update, free_update, resolve_fused
-from dist_free.methods import build_method
-from dist_free.models import build_model
+from dist_free.engine import linf
+from dist_free.engine.free import UpdateWork, compiled_free_update, free_update, resolve_fused
+from dist_free.engine.methods import build_method
+from dist_free.engine.models import build_model
+from dist_free.engine.step_base import batch_stats
 from dist_free.precision import DTYPES
-from dist_free.step_base import batch_stats
 
 
 def sync(device: torch.device) -> None:

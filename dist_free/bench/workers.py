@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_free import attacks, distributed, environment
+from dist_free import distributed, environment
 from dist_free.bench.timing import make_batch, sync
-from dist_free.methods import build_method
-from dist_free.models import build_model
+from dist_free.engine import attacks
+from dist_free.engine.methods import build_method
+from dist_free.engine.models import build_model
 from dist_free.precision import DTYPES
 
 REPO = environment.REPO
@@ -311,14 +312,14 @@ def eval_worker(a: argparse.Namespace) -> dict | None:
 
 
 def autoattack_runner():
-    """dist_free.autoattack.run_standard (the evaluator's own path) where it exists; else the
+    """dist_free.evaluation.autoattack.run_standard (the evaluator's own path) where it exists; else the
     authors' package called directly, the same standard L-inf version."""
     try:
-        from dist_free import autoattack
+        from dist_free.evaluation import autoattack
         def run(net, x, y, eps):
             r = autoattack.run_standard(net, x, y, eps=eps)
             return r.robust, r.robust_after
-        return run, "dist_free.autoattack.run_standard"
+        return run, "dist_free.evaluation.autoattack.run_standard"
     except ImportError:
         from pyautoattack import AutoAttack
 

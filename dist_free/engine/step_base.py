@@ -1,0 +1,168 @@
+"""What every training method shares: mixed precision, the optimizer step (with optional gradient
+clipping, dist_free.engine.optim), input checks, stats.
+
+A method (free, natural, PGD, fast-FGSM) subclasses `StepBase` and implements `train_step`. The
+base keeps the hot path free of host-device syncs: statistics stay on the device in a `StepStats`
+and only become Python floats when somebody reads them (the trainer does so every `log_every` steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from dist_free.engine.optim import clip_gradients
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StepStats(Mapping):
+    """A dict of floats whose values are device tensors until read.
+
+    `stats["loss"]` syncs once for that value; `stats.tensors` gives the raw tensors, which the
+    trainer sums on the device over many steps without syncing at all.
+    """
+
+    def __init__(self, **tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __getitem__(self, key: str) -> float:
+        return float(self.tensors[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        return f"StepStats({dict(self)})"
+
+
+def check_pixel_range(images: torch.Tensor) -> None:
+    """Fail on inputs outside [0, 1]: eps is in pixel units, so normalised inputs would break it."""
+    lo, hi = torch.aminmax(images.detach())
+    lo, hi = float(lo), float(hi)
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"images must lie in [0, 1] (got min {lo:.3f}, max {hi:.3f}); mean/std normalisation "
+            "belongs inside the model (dist_free.engine.models.Normalize), not in the input pipeline")
+
+
+def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The non-finite flag that `scaler.step` just acted on, as a device tensor (no sync).
+
+    GradScaler exposes it only through its per-optimizer state, the same record torch's fused
+    optimizers receive; it is valid between `scaler.step(optimizer)` and `scaler.update()`.
+    """
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    return sum(found.values())
+
+
+class StepBase:
+    """Shared plumbing. Subclasses implement `train_step(images, labels) -> StepStats`."""
+
+    name = "base"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+                 loss_fn: LossFn | None = None, grad_clip: float | None = None):
+        """grad_clip: bound on the weight gradient's global L2 norm (dist_free.engine.optim)."""
+        if amp_dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
+        if scaler is not None and amp_dtype is None:
+            raise ValueError("a GradScaler needs amp_dtype=torch.float16")
+        self.model = model
+        self.optimizer = optimizer
+        self.amp_dtype = amp_dtype
+        self.device = next(model.parameters()).device
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        if scaler is None and amp_dtype is torch.float16:
+            scaler = torch.amp.GradScaler(self.device.type)
+        self.scaler = scaler
+        self.loss_fn = loss_fn or F.cross_entropy
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        self.grad_clip = grad_clip
+        # Model inputs are fp32 pixels under any autocast dtype: autocast casts them inside the
+        # model, after Normalize. Rounding an adversarial input to bf16 first could move it out of
+        # the eps-ball (see dist_free.engine.linf), and it would save nothing: Normalize's fp32 mean and
+        # std promote a bf16 input back to fp32 anyway.
+        self.input_dtype = torch.float32
+        self._checked_first_batch = False
+        self._no_inf = torch.zeros((), device=self.device)
+
+    def check_first_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Validate the first batch only: one sync at start-up, none per step."""
+        if self._checked_first_batch:
+            return
+        if images.dim() != 4 or labels.shape != images.shape[:1]:
+            raise ValueError(f"expected images (B, C, H, W) and labels (B,), got {tuple(images.shape)} "
+                             f"and {tuple(labels.shape)}")
+        check_pixel_range(images)
+        self._checked_first_batch = True
+
+    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.model(images)
+        return logits, self.loss_fn(logits.float(), labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Step the weights; return the scaler's non-finite flag (0 when there is no scaler)."""
+        if self.grad_clip is not None:
+            clip_gradients(self.optimizer, self.grad_clip, self.scaler)
+        if self.scaler is None:
+            self.optimizer.step()
+            return self._no_inf
+        self.scaler.step(self.optimizer)
+        found_inf = scaler_found_inf(self.scaler, self.optimizer)
+        self.scaler.update()
+        return found_inf
+
+    def sgd_step(self, images: torch.Tensor, labels: torch.Tensor):
+        """zero_grad, forward, backward, step. Returns (logits, loss, found_inf)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        logits, loss = self.forward_loss(images, labels)
+        self.backward(loss)
+        return logits, loss, self.optimizer_step()
+
+    def input_grad(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """dL/d images only: no parameter gradients are accumulated (attack steps)."""
+        images = images.detach().requires_grad_(True)
+        _, loss = self.forward_loss(images, labels)
+        # Under fp16 the loss scale keeps small input gradients from flushing to zero; a positive
+        # factor leaves their sign, the only thing an L-inf step uses, unchanged.
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        (grad,) = torch.autograd.grad(loss, images)
+        return grad
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """State that differs between ranks (free training's perturbation): checkpoints keep one
+        per rank. Stateless methods have none."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        """This rank's saved `rank_state`; {} when the run had fewer ranks (start afresh)."""
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
+        raise NotImplementedError
+
+
+def batch_stats(loss_sum: torch.Tensor, correct: torch.Tensor, passes: int, batch: int) -> StepStats:
+    """Mean loss and accuracy over `passes` forward passes of a batch of `batch` samples."""
+    return StepStats(loss=loss_sum / passes, acc=correct.float() / (passes * batch),
+                     samples=torch.tensor(float(batch)))

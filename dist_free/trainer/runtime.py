@@ -1,0 +1,121 @@
+"""Turning a Config into live objects: loaders, model (wrapped), method, optimizer and loss.
+
+Shared by the trainer and the standalone evaluator so both build exactly the same model and val
+pipeline from a checkpoint's config.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import pipelines
+from dist_free import precision
+from dist_free.config import Config, ConfigError
+from dist_free.distributed import DistInfo
+from dist_free.engine import optim, timm_models
+from dist_free.engine.ema import ModelEMA
+from dist_free.engine.methods import METHODS
+from dist_free.engine.models import build_model
+from dist_free.engine.step_base import StepBase
+from dist_free.trainer.schedule import base_lr
+
+
+def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None = None,
+                 **options):
+    """This rank's loader of `split` (train, val or holdout); `options` as pipelines takes them
+    (subset=, whole_batches=, crash_note=). The training split always leaves out eval.holdout
+    images."""
+    data = cfg.data
+    # Evaluation batches do not depend on the world size, so an evaluation batches the same
+    # images on any number of ranks.
+    batch = cfg.per_rank_batch(d.world_size) if split == "train" else \
+        (data.val_batch_size or data.batch_size)
+    return pipelines.build_loader(
+        data.loader, data.root, split, batch_size=batch, image_size=data.image_size,
+        val_resize=data.val_resize, min_area=data.min_area, rank=d.rank,
+        world_size=d.world_size, seed=cfg.run.seed, device=d.device,
+        dtype=precision.loader_dtype(d.device), channels_last=cfg.model.channels_last,
+        num_threads=data.threads, num_classes=cfg.model.num_classes, class_to_idx=class_to_idx,
+        holdout=cfg.eval.holdout, data_format=data.format, pad=data.pad, **options)
+
+
+def build_bare_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    return build_model(cfg.model.name, cfg.model.num_classes, channels_last=cfg.model.channels_last,
+                       kwargs=cfg.model.kwargs).to(device)
+
+
+def check_model(cfg: Config) -> None:
+    """A timm name or argument timm does not know is a config error, found before any worker
+    joins a process group (the net is built on the meta device: no memory, no compute)."""
+    if timm_models.is_timm(cfg.model.name):
+        try:
+            timm_models.check_buildable(cfg.model.name, cfg.model.num_classes, cfg.model.kwargs)
+        except ValueError as e:
+            raise ConfigError(f"model.name/model.kwargs: {e}") from None
+
+
+def apply_init(cfg: Config, model: torch.nn.Module) -> None:
+    """model.init: a fresh run starts from a local safetensors file, every key and shape checked
+    first (a mismatch is a config error naming the tensors)."""
+    if cfg.model.init:
+        try:
+            timm_models.load_init(getattr(model, "net", model), cfg.model.init)
+        except timm_models.InitError as e:
+            raise ConfigError(str(e)) from None
+
+
+def build_ema(cfg: Config, model: torch.nn.Module) -> ModelEMA | None:
+    """The EMA of the bare model when optim.ema is set (after model.init, before training)."""
+    return ModelEMA(model, cfg.optim.ema) if cfg.optim.ema else None
+
+
+def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
+    """SyncBatchNorm, DDP and torch.compile around the bare model, as configured."""
+    net = model
+    if d.distributed:
+        if cfg.model.sync_bn:
+            if d.device.type != "cuda":
+                raise ConfigError("model.sync_bn=true needs CUDA devices: torch's SyncBatchNorm "
+                                  "runs on GPUs only")
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # The perturbation is a leaf of the graph, not a parameter: DDP never all-reduces it.
+        net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return torch.compile(net) if cfg.model.compile else net
+
+
+def loss_fn(cfg: Config):
+    smoothing = cfg.optim.label_smoothing
+    return lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=smoothing)
+
+
+def method_options(cfg: Config) -> dict:
+    """The options each method takes, from its config section (unused ones are not passed)."""
+    m = cfg.method
+    if m.name == "free":
+        return dict(eps=m.eps, replays=m.replays, step_size=m.step_size, fused=m.fused)
+    if m.name == "pgd":
+        return dict(eps=m.eps, steps=m.steps, step_size=m.step_size)
+    if m.name == "fast":
+        return dict(eps=m.eps, step_size=m.step_size)
+    return {}
+
+
+def build_method(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 d: DistInfo, amp_dtype: torch.dtype | None) -> StepBase:
+    """The configured training method around the wrapped (DDP/compiled) model."""
+    return METHODS[cfg.method.name](wrap(cfg, model, d), optimizer, amp_dtype=amp_dtype,
+                                    loss_fn=loss_fn(cfg), grad_clip=cfg.optim.clip_grad_norm,
+                                    **method_options(cfg))
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """optim.name sgd|adamw at the scaled lr; see dist_free.engine.optim for the weight-decay groups."""
+    o = cfg.optim
+    # timm's names are relative to the net; dist_free.engine.optim matches them as name suffixes.
+    exempt = timm_models.no_weight_decay_names(getattr(model, "net", model))
+    return optim.build_optimizer(model, name=o.name, lr=base_lr(cfg, world_size),
+                                 weight_decay=o.weight_decay, momentum=o.momentum,
+                                 nesterov=o.nesterov, betas=o.betas, wd_exempt=o.wd_exempt,
+                                 exempt_names=exempt)

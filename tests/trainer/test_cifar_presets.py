@@ -1,0 +1,76 @@
+"""The CIFAR presets run the authors' recipe: 80,000 SGD steps counting every replay."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from dist_free.config import ConfigError, load_config
+from dist_free.trainer import schedule
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted((ROOT / "configs").glob("cifar1*/*.yaml"))
+BATCHES_PER_EPOCH = (50_000 - 1_000) // 128          # one GPU, 1,000 images held out
+
+
+def test_there_is_a_preset_for_every_row_of_the_papers_cifar_tables():
+    names = {(p.parent.name, p.stem) for p in PRESETS}
+    rows = {"free_m2", "free_m4", "free_m8", "free_m10", "natural", "pgd7"}
+    assert names == {(d, r) for d in ("cifar10", "cifar100") for r in rows}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_each_preset_is_the_authors_recipe(preset):
+    cfg = load_config(preset)
+    assert (cfg.model.name, cfg.model.num_classes) == \
+        ("wrn32_10", 10 if preset.parent.name == "cifar10" else 100)
+    assert cfg.per_rank_batch(1) == 128 and schedule.base_lr(cfg, 1) == pytest.approx(0.1)
+    assert (cfg.optim.momentum, cfg.optim.weight_decay) == (0.9, 2e-4)
+    if cfg.method.name != "natural":
+        assert cfg.method.eps == pytest.approx(8 / 255)
+    assert cfg.data.pad == 2 and cfg.data.image_size == 32
+    m = cfg.replays
+    assert schedule.minibatches(cfg) * m == 80_000               # every replay counts
+    epochs = schedule.real_epochs(cfg, BATCHES_PER_EPOCH)
+    assert epochs == math.ceil(80_000 / m / BATCHES_PER_EPOCH)
+    assert sum(schedule.batches_in_epoch(cfg, e, BATCHES_PER_EPOCH) for e in range(epochs)) \
+        == 80_000 // m
+    # lr 0.1 -> 0.01 -> 0.001 at SGD steps 40,000 and 60,000 (every m here divides both)
+    for minibatch, factor in ((0, 1), (40_000 // m - 1, 1), (40_000 // m, 0.1),
+                              (60_000 // m - 1, 0.1), (60_000 // m, 0.01), (80_000 // m - 1, 0.01)):
+        assert schedule.lr_factor_in_steps(cfg, minibatch * m) == pytest.approx(factor)
+        # the trainer's lr depends on the minibatches done, not on the epoch it is in
+        assert schedule.lr_at(cfg, 1, 0.0, minibatch) == pytest.approx(0.1 * factor)
+
+
+def test_free_m8_is_ten_thousand_minibatches():
+    cfg = load_config(ROOT / "configs/cifar10/free_m8.yaml")
+    assert cfg.method.name == "free" and cfg.replays == 8 and schedule.minibatches(cfg) == 10_000
+
+
+def test_pgd7_takes_seven_steps_of_2_over_255():
+    cfg = load_config(ROOT / "configs/cifar10/pgd7.yaml")
+    assert (cfg.method.steps, cfg.method.step_size) == (7, pytest.approx(2 / 255))
+
+
+def test_a_step_budget_refuses_milestones_beyond_it_or_epoch_warm_up():
+    with pytest.raises(ConfigError, match="beyond optim.steps"):
+        load_config(ROOT / "configs/cifar10/free_m8.yaml", ["optim.steps=50000"])
+    with pytest.raises(ConfigError, match="warmup"):
+        load_config(ROOT / "configs/cifar10/free_m8.yaml", ["optim.warmup_epochs=1"])
+
+
+def test_without_a_step_budget_nothing_changes():
+    cfg = load_config(ROOT / "configs/demo.yaml")
+    assert schedule.real_epochs(cfg, 17) == cfg.real_epochs
+    assert schedule.batches_in_epoch(cfg, 3, 17) == 17
+    assert schedule.lr_at(cfg, 1, 2 + 5 / 17, 999) == \
+        schedule.base_lr(cfg, 1) * schedule.lr_factor(cfg, (2 + 5 / 17) * 4)
+
+
+def test_a_cosine_step_budget_runs_over_the_steps():
+    cfg = load_config(ROOT / "configs/cifar10/free_m8.yaml",
+                      ["optim.schedule=cosine", "optim.milestones=[]"])
+    assert schedule.lr_factor_in_steps(cfg, 0) == pytest.approx(1.0)
+    assert schedule.lr_factor_in_steps(cfg, 40_000) == pytest.approx(0.5)
+    assert schedule.lr_factor_in_steps(cfg, 80_000) == pytest.approx(0.0, abs=1e-12)
