@@ -22,12 +22,14 @@ from typing import Literal
 
 import yaml
 
-# The allowed values live on the fields' types; tests check these equal the loader kinds and the
-# method registry, the two places that act on them.
+from dist_free.engine import method_registry
+
+# The allowed values live on the fields' types. The method names are the registry's own; a test
+# checks the loader kinds equal the ones pipelines acts on.
 LoaderKind = Literal["auto", "dali-gpu", "dali-cpu", "torchvision", "synthetic", "resident"]
 DataFormat = Literal["auto", "imagefolder", "cifar10-py", "cifar10-bin", "cifar100-py",
                      "cifar100-bin"]
-MethodName = Literal["free", "natural", "pgd", "fast"]
+MethodName = Literal[tuple(method_registry.METHODS)]
 
 
 class ConfigError(ValueError):
@@ -68,12 +70,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
+    # Which method takes which of the keys below: dist_free.engine.method_registry.
     name: MethodName = "free"        # see dist_free.engine.methods
     eps: float = 4 / 255             # L-inf radius, pixel units
-    replays: int = 4                 # free: the paper's m
-    step_size: float | None = None   # free: eps; pgd: 2.5 eps / steps; fast: 1.25 eps
-    steps: int = 7                   # pgd: attack steps per SGD step
-    fused: bool | Literal["auto"] = "auto"   # free: compiled update kernel (auto = on CUDA)
+    replays: int = 4                 # the paper's m
+    step_size: float | None = None   # None: the method's default (free eps, pgd 2.5 eps /
+                                     # steps, fast 1.25 eps)
+    steps: int = 7                   # attack steps per SGD step
+    fused: bool | Literal["auto"] = "auto"   # compiled update kernel (auto = on CUDA)
 
 
 @dataclass(frozen=True)
@@ -159,14 +163,33 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    # How long a run trains: the one home of the rule, for the trainer and the model card alike.
+
     @property
-    def real_epochs(self) -> int:
-        """Real epochs to run: natural-training epochs divided by the replays (free only)."""
-        return math.ceil(self.optim.epochs / self.replays)
+    def minibatches(self) -> int | None:
+        """Minibatches a step budget reads: optim.steps counts every replay (None: an epoch
+        budget)."""
+        return None if self.optim.steps is None else math.ceil(self.optim.steps / self.replays)
+
+    def real_epochs(self, batches_per_epoch: int | None = None) -> int | None:
+        """Real epochs the run trains. An epoch budget: natural-training epochs / replays, rounded
+        up (the paper's 23 for 90 at m=4). A step budget: its minibatches in epochs of
+        `batches_per_epoch`, the last one cut short; None while that is unknown (a checkpoint
+        written before the trainer recorded it)."""
+        if self.minibatches is None:
+            return math.ceil(self.optim.epochs / self.replays)
+        return None if batches_per_epoch is None else math.ceil(self.minibatches / batches_per_epoch)
+
+    def batches_in_epoch(self, epoch: int, batches_per_epoch: int) -> int:
+        """Minibatches of real epoch `epoch`: all of them, except where a step budget ends."""
+        if self.minibatches is None:
+            return batches_per_epoch
+        return max(0, min(batches_per_epoch, self.minibatches - epoch * batches_per_epoch))
 
     @property
     def replays(self) -> int:
-        return self.method.replays if self.method.name == "free" else 1
+        """Passes over each minibatch: method.replays for a method that replays, else one."""
+        return self.method.replays if method_registry.takes(self.method.name, "replays") else 1
 
     def per_rank_batch(self, world_size: int) -> int:
         """data.global_batch split over the ranks (it must divide evenly), else data.batch_size."""

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from dist_free import distributed, environment
 from dist_free.bench.timing import make_batch, sync
-from dist_free.engine import attacks
+from dist_free.engine import attacks, method_registry
 from dist_free.engine.methods import build_method
 from dist_free.engine.models import build_model
 from dist_free.precision import DTYPES
@@ -62,7 +62,9 @@ def run_child(cmd: list[str], out: Path, threads: int, timeout: float) -> dict:
 
 
 def method_options(name: str, replays: int) -> dict:
-    return {"eps": 4 / 255, "replays": replays} if name == "free" else {}
+    """The bench's eps and replays, passed to the methods the registry says take them."""
+    offered = {"eps": 4 / 255, "replays": replays}
+    return {key: value for key, value in offered.items() if method_registry.takes(name, key)}
 
 
 # ---------------------------------------------------------------- memory

@@ -51,6 +51,13 @@ def _input_grad(model, x, labels, amp_dtype):
     return grad
 
 
+def default_step_size(eps: float, steps: int) -> float:
+    """PGD's step when none is given, in training and evaluation alike: 2.5 eps / steps (Madry
+    et al.), so the steps can reach the eps-ball's boundary from any start inside it and still
+    move along it."""
+    return 2.5 * eps / steps
+
+
 def pgd_perturbation(images: torch.Tensor, input_grad: Callable[[torch.Tensor], torch.Tensor], *,
                      eps: float, steps: int, step_size: float, random_start: bool = True,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -74,7 +81,7 @@ def pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, e
         amp_dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None) -> torch.Tensor:
     """One PGD run; returns the adversarial images, in [0, 1] and within eps of `images`."""
-    step_size = step_size if step_size is not None else 2.5 * eps / steps
+    step_size = step_size if step_size is not None else default_step_size(eps, steps)
     x = images.float()
     with eval_mode(model):
         delta = pgd_perturbation(x, lambda x_adv: _input_grad(model, x_adv, labels, amp_dtype),

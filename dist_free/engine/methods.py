@@ -7,16 +7,18 @@
 - fast:    Wong et al. 2020 "Fast is better than free": FGSM from a uniform random start with
            step 1.25 eps; two passes per SGD step.
 
-`build_method(name, model, optimizer, **options)` picks one by name.
+`build_method(name, model, optimizer, **options)` picks one by name; dist_free.engine.method_registry
+declares each method's name, options and builder.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from dist_free.engine import linf
-from dist_free.engine.attacks import pgd_perturbation
-from dist_free.engine.free import FreeAdversarialTrainer
+from dist_free.engine import linf, method_registry
+from dist_free.engine.attacks import default_step_size, pgd_perturbation
 from dist_free.engine.step_base import LossFn, StepBase, StepStats, batch_stats
 
 
@@ -65,9 +67,8 @@ class PGDTrainer(_AttackTrainer):
                  step_size: float | None = None, **kw):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"PGD steps must be an integer >= 1, got {steps!r}")
-        # Madry et al.'s ImageNet/CIFAR settings use a step of about 2.5 * eps / steps.
-        super().__init__(model, optimizer, eps=eps,
-                         step_size=step_size if step_size is not None else 2.5 * eps / steps, **kw)
+        super().__init__(model, optimizer, eps=eps, step_size=step_size if step_size is not None
+                         else default_step_size(eps, steps), **kw)
         self.steps = steps
 
     def attack(self, images, labels):
@@ -88,18 +89,14 @@ class FastFGSMTrainer(_AttackTrainer):
         return linf.attack_step(images, delta, grad, self.eps, self.step_size)
 
 
-METHODS: dict[str, type[StepBase]] = {
-    "natural": NaturalTrainer,
-    "free": FreeAdversarialTrainer,
-    "pgd": PGDTrainer,
-    "fast": FastFGSMTrainer,
-}
+def method_class(name: str) -> type[StepBase]:
+    """The builder dist_free.engine.method_registry names for method `name`."""
+    module, cls = method_registry.spec(name).builder.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_method(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  **options) -> StepBase:
-    """Options a method does not use (e.g. `replays` for natural) are an error, not ignored."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name](model, optimizer, **options)
-
+    """The one way to build a method by name. Options a method does not use (e.g. `replays`
+    for natural) are an error, not ignored."""
+    return method_class(name)(model, optimizer, **options)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pipelines
 from dist_free import checkpoint, precision
+from dist_free.engine.attacks import default_step_size
 from dist_free.evaluation import autoattack, masking
 from dist_free.evaluation.masking import attack_tag
 
@@ -66,7 +67,7 @@ def result_rows(args, result: dict, eps_values: list[float]) -> list[dict]:
         if "pgd" in args.attack:
             rows.append({"attack": "pgd", "eps": eps, "steps": args.steps,
                          "restarts": args.restarts,
-                         "step_size": args.step_size or 2.5 * eps / args.steps, "loss": "ce",
+                         "step_size": args.step_size or default_step_size(eps, args.steps), "loss": "ce",
                          "robust_top1": result["pgd"].get(eps, top1)})
         if "autoattack" in args.attack:
             aa = result["autoattack"].get(eps) or {
@@ -109,7 +110,7 @@ def protocol(r: dict, dtype: str | None = None, step: str | None = None) -> str:
 def sweep_protocol(report: dict) -> str:
     """The protocols of a report in one phrase each, PGD's step size as the rule it followed."""
     pgd = [r for r in report["results"] if r["attack"] == "pgd" and r["eps"] > 0]
-    rule = all(math.isclose(r["step_size"], 2.5 * r["eps"] / r["steps"]) for r in pgd)
+    rule = all(math.isclose(r["step_size"], default_step_size(r["eps"], r["steps"])) for r in pgd)
     step = "2.5 eps / steps" if rule or not pgd else f"{pgd[0]['step_size']:.5g}"
     return "; ".join(dict.fromkeys(protocol(r, report["dtype"], step) for r in report["results"]))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torchvision
 from dist_free import checkpoint, environment
 from dist_free.config import Config, ConfigError, config_from_dict
 from dist_free.engine import models, timm_models
+from dist_free.engine.attacks import default_step_size
 from dist_free.publish import load
 
 WEIGHTS, TORCH_WEIGHTS = load.EXPORT_WEIGHTS
@@ -124,11 +124,15 @@ def training_recipe(state: dict, cfg: Config) -> dict:
     o, world = cfg.optim, int(state.get("world_size") or 1)
     per_rank = cfg.per_rank_batch(world)
     global_batch = per_rank * world
+    per_epoch = state.get("batches_per_epoch")    # None: saved before the trainer recorded it
     return {"method": cfg.method.name, "replays": cfg.replays, "sgd_steps_budget": o.steps,
+            "minibatches_budget": cfg.minibatches,
             "eps": cfg.method.eps if cfg.method.name != "natural" else None,
-            # The trainer's rules (config.py's module docstring, lr_schedule.base_lr): free runs
-            # ceil(natural epochs / replays) real epochs; lr scales linearly with the batch.
-            "epochs_natural": o.epochs, "epochs_real": math.ceil(o.epochs / cfg.replays),
+            # The trainer's rules (Config.real_epochs, trainer/schedule.base_lr): the run's real
+            # epochs (None: a step budget whose epoch length the checkpoint does not record);
+            # optim.epochs only counts without a step budget; lr scales linearly with the batch.
+            "epochs_natural": o.epochs if o.steps is None else None,
+            "epochs_real": cfg.real_epochs(per_epoch), "batches_per_epoch": per_epoch,
             "epochs_completed_real": state["epoch"],
             "epochs_completed_natural": state["epoch"] * cfg.replays,
             "global_step": state.get("global_step"), "world_size": world,
@@ -160,7 +164,7 @@ def in_training_eval(state: dict, cfg: Config) -> dict:
             "max_batches_per_rank": cfg.eval.max_batches, "dtype": f"run.amp={cfg.run.amp}",
             "clean": {"top1": ev.get("top1"), "top5": ev.get("top5")},
             "results": [{"attack": "pgd", "eps": eps, "steps": steps, "restarts": restarts,
-                         "step_size": cfg.eval.step_size or 2.5 * eps / steps, "loss": "ce",
+                         "step_size": cfg.eval.step_size or default_step_size(eps, steps), "loss": "ce",
                          "robust_top1": ev["pgd"]}]}
 
 

@@ -117,16 +117,24 @@ def optimizer_text(t: dict) -> str:
             f"{t['label_smoothing']}" + (f", gradient norm clipped at {clip}" if clip else ""))
 
 
+def step_budget_text(t: dict) -> str:
+    """optim.steps as it ran: SGD steps, minibatches and real epochs (milestones are steps too)."""
+    length = (f"{t['epochs_real']} real epochs of up to {t['batches_per_epoch']} minibatches"
+              if t["epochs_real"] is not None else "real epochs not recorded in the checkpoint")
+    return (f"{t['sgd_steps_budget']} SGD steps counting every replay = "
+            f"{t['minibatches_budget']} minibatches x {t['replays']}, {length}; this checkpoint: "
+            f"{t['global_step']} minibatches x {t['replays']} = "
+            f"{(t['global_step'] or 0) * t['replays']} SGD steps, "
+            f"{t['epochs_completed_real']} epochs")
+
+
 def training_md(t: dict) -> list[str]:
     eps = "none (natural training)" if t["eps"] is None else eps_text(t["eps"])
     epochs = (f"{t['epochs_natural']} natural-training epochs = {t['epochs_real']} real epochs; "
               f"this checkpoint: {t['epochs_completed_real']} real "
               f"({t['epochs_completed_natural']} natural), step {t['global_step']}")
-    if t.get("sgd_steps_budget"):    # optim.steps: milestones are SGD steps too
-        epochs = (f"{t['sgd_steps_budget']} SGD steps counting every replay; this checkpoint: "
-                  f"{t['global_step']} minibatches x {t['replays']} = "
-                  f"{(t['global_step'] or 0) * t['replays']} SGD steps, "
-                  f"{t['epochs_completed_real']} epochs")
+    if t.get("sgd_steps_budget"):
+        epochs = step_budget_text(t)
     weights = (f"the EMA of the weights (decay {t['ema_decay']} per optimizer step)"
                if t.get("weights") == "ema" else "the trained weights (no EMA)")
     return [f"- method: {t['method']}, replays m = {t['replays']}, training eps {eps} (L-inf)",

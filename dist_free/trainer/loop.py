@@ -51,7 +51,7 @@ def run_epochs(run: Run) -> str:
     cfg = run.cfg
     if run.eval_pending and not evaluate_epoch(run):     # stopped during it last time
         return "KILLED"
-    epochs = schedule.real_epochs(cfg, len(run.train_loader))
+    epochs = cfg.real_epochs(len(run.train_loader))
     while run.epoch < epochs:
         outcome = train_one_epoch(run)
         if outcome == "stopped":
@@ -76,10 +76,10 @@ def train_one_epoch(run: Run) -> str:
     "collapsed" (the probe saw robust accuracy collapse and eval.on_collapse is not warn)."""
     cfg, loader = run.cfg, run.train_loader
     loader.set_epoch(run.epoch, run.start_batch)
-    steps = schedule.batches_in_epoch(cfg, run.epoch, len(loader))
+    steps = cfg.batches_in_epoch(run.epoch, len(loader))
     window = Window(run.d.device)
     # A log line at every log point (run.log_every steps), as the metrics are logged.
-    epochs = schedule.real_epochs(cfg, len(loader))
+    epochs = cfg.real_epochs(len(loader))
     progress = Progress(f"epoch {run.epoch + 1}/{epochs}", steps, done=run.start_batch,
                         enabled=run.d.is_main, mode=cfg.run.progress, log_every_s=0)
     batches = iter(loader)
@@ -231,6 +231,8 @@ def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
         state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "method": run.method.state_dict(), "rank_states": rank_states, "epoch": run.epoch,
                  "batch_in_epoch": batch_in_epoch, "global_step": run.global_step,
+                 # a step budget's length in epochs depends on it: the model card states it
+                 "batches_per_epoch": len(run.train_loader),
                  "best_metric": run.best_metric, "probe_best": run.guard.best,
                  "eval_pending": eval_pending, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,

@@ -14,9 +14,8 @@ import pipelines
 from dist_free import precision
 from dist_free.config import Config, ConfigError
 from dist_free.distributed import DistInfo
-from dist_free.engine import optim, timm_models
+from dist_free.engine import method_registry, methods, optim, timm_models
 from dist_free.engine.ema import ModelEMA
-from dist_free.engine.methods import METHODS
 from dist_free.engine.models import build_model
 from dist_free.engine.step_base import StepBase
 from dist_free.trainer.schedule import base_lr
@@ -90,24 +89,14 @@ def loss_fn(cfg: Config):
     return lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
-def method_options(cfg: Config) -> dict:
-    """The options each method takes, from its config section (unused ones are not passed)."""
-    m = cfg.method
-    if m.name == "free":
-        return dict(eps=m.eps, replays=m.replays, step_size=m.step_size, fused=m.fused)
-    if m.name == "pgd":
-        return dict(eps=m.eps, steps=m.steps, step_size=m.step_size)
-    if m.name == "fast":
-        return dict(eps=m.eps, step_size=m.step_size)
-    return {}
-
-
 def build_method(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  d: DistInfo, amp_dtype: torch.dtype | None) -> StepBase:
-    """The configured training method around the wrapped (DDP/compiled) model."""
-    return METHODS[cfg.method.name](wrap(cfg, model, d), optimizer, amp_dtype=amp_dtype,
-                                    loss_fn=loss_fn(cfg), grad_clip=cfg.optim.clip_grad_norm,
-                                    **method_options(cfg))
+    """The configured training method around the wrapped (DDP/compiled) model, with the options
+    it takes from the config's method section."""
+    return methods.build_method(cfg.method.name, wrap(cfg, model, d), optimizer,
+                                amp_dtype=amp_dtype, loss_fn=loss_fn(cfg),
+                                grad_clip=cfg.optim.clip_grad_norm,
+                                **method_registry.configured_options(cfg.method))
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:

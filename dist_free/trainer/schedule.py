@@ -6,8 +6,8 @@ Milestones and warm-up are in natural-training epochs (the paper's units): free 
 real_epoch_progress * replays. `lr_factor` is a pure function of that progress, so a resumed run
 continues the schedule exactly from the saved step.
 
-Under a step budget (`optim.steps`, the authors' CIFAR recipe; see dist_free.trainer.schedule) the schedule
-is in SGD steps counting every replay instead: milestones are steps, a cosine runs over the
+Under a step budget (`optim.steps`, the authors' CIFAR recipe; its length: Config.real_epochs) the
+schedule is in SGD steps counting every replay instead: milestones are steps, a cosine runs over the
 `optim.steps` steps, and there is no warm-up (config.py refuses one). `lr_factor_in_steps` is that
 schedule; `lr_at` picks the one the config asks for.
 """
@@ -78,30 +78,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-# ------------------------------------------------------------------ a step budget
-
-def minibatches(cfg: Config) -> int | None:
-    """Minibatches the step budget reads (None: an epoch budget)."""
-    return None if cfg.optim.steps is None else math.ceil(cfg.optim.steps / cfg.replays)
-
-
-def real_epochs(cfg: Config, batches_per_epoch: int) -> int:
-    total = minibatches(cfg)
-    return cfg.real_epochs if total is None else math.ceil(total / batches_per_epoch)
-
-
-def batches_in_epoch(cfg: Config, epoch: int, batches_per_epoch: int) -> int:
-    """Minibatches of this epoch: all of them, except where a step budget ends."""
-    total = minibatches(cfg)
-    if total is None:
-        return batches_per_epoch
-    return max(0, min(batches_per_epoch, total - epoch * batches_per_epoch))
-
+# ------------------------------------------------------------------ the budget in words
 
 def describe(cfg: Config, batches_per_epoch: int) -> str:
-    if cfg.optim.steps is None:
-        return (f"{cfg.real_epochs} epochs ({cfg.optim.epochs} natural-training epochs / "
+    """How long the run trains (the rule: Config.real_epochs), for the log."""
+    if cfg.minibatches is None:
+        return (f"{cfg.real_epochs()} epochs ({cfg.optim.epochs} natural-training epochs / "
                 f"{cfg.replays} replays)")
-    return (f"{cfg.optim.steps} SGD steps counting replays = {minibatches(cfg)} minibatches "
-            f"x {cfg.replays} = {real_epochs(cfg, batches_per_epoch)} epochs of up to "
+    return (f"{cfg.optim.steps} SGD steps counting replays = {cfg.minibatches} minibatches "
+            f"x {cfg.replays} = {cfg.real_epochs(batches_per_epoch)} epochs of up to "
             f"{batches_per_epoch} minibatches")

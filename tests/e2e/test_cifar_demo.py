@@ -40,6 +40,9 @@ def test_the_demo_trains_on_a_step_budget_then_evaluates(demo_cifar, tmp_path):
     state = checkpoint.load(tmp_path / "cifar_demo/checkpoints/last.pt")
     assert state["global_step"] == 12 and state["epoch"] == 1      # 48 SGD steps / 4 replays
     assert state["config"]["data"]["loader"] == "auto"
+    card = json.loads((tmp_path / "cifar_demo/export/model_card.json").read_text())["training"]
+    assert (card["sgd_steps_budget"], card["minibatches_budget"], card["epochs_real"]) == (48, 12, 1)
+    assert card["batches_per_epoch"] == state["batches_per_epoch"] >= 12
     report = json.loads((tmp_path / "cifar_demo/eval/epoch_001.json").read_text())
     assert report["selected_on"] == "holdout" and report["holdout"]["samples"] == 64
     out = tmp_path / "eval"

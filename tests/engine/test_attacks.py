@@ -123,3 +123,13 @@ def test_pgd_with_a_generator_leaves_the_global_rng_alone(trained):
     state = torch.get_rng_state()
     seeded_pgd(trained, 0)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_pgd_without_a_step_takes_madrys_two_and_a_half_eps_over_steps(trained):
+    """The default every caller shares (training, evaluation, the report and the model card)."""
+    model, x, y = trained
+    assert attacks.default_step_size(8 / 255, 10) == pytest.approx(2 / 255)
+    runs = [attacks.pgd(model, x, y, eps=8 / 255, steps=3, step_size=step,
+                        generator=torch.Generator().manual_seed(0))
+            for step in (None, 2.5 * (8 / 255) / 3)]
+    assert torch.equal(*runs)

@@ -5,7 +5,7 @@ import torch
 from helpers_nets import minibatches, sgd, tiny_net
 
 from dist_free.engine.free import FreeAdversarialTrainer
-from dist_free.engine.methods import METHODS, FastFGSMTrainer, PGDTrainer, build_method
+from dist_free.engine.methods import FastFGSMTrainer, PGDTrainer, build_method, method_class
 
 
 @pytest.mark.parametrize("name, options", [
@@ -19,7 +19,7 @@ def test_every_method_trains_through_one_interface(name, options):
     stats = trainer.train_step(*minibatches([8])[0])
     assert set(stats) >= {"loss", "acc", "samples"}
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert trainer.name == name and METHODS[name] is type(trainer)
+    assert trainer.name == name and method_class(name) is type(trainer)
 
 
 def test_registry_refuses_unknown_names_or_options():
@@ -30,7 +30,7 @@ def test_registry_refuses_unknown_names_or_options():
         build_method("free", model, sgd(model))
     with pytest.raises(TypeError):
         build_method("natural", model, sgd(model), replays=4)
-    assert METHODS["free"] is FreeAdversarialTrainer
+    assert method_class("free") is FreeAdversarialTrainer
 
 
 @pytest.mark.parametrize("cls, per_step_passes", [(PGDTrainer, 3 + 1), (FastFGSMTrainer, 2)])

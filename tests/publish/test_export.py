@@ -133,6 +133,38 @@ def test_card_describes_the_training_recipe(resnet_export):
     assert "resize the shorter side to 36" in md and "0: cat, 1: dog, 2: owl" in md
 
 
+def step_budget_checkpoint(tmp_path: Path, **recorded) -> Path:
+    """make_checkpoint's run on the CIFAR demo's budget, trained to its end: 1,080 SGD steps at
+    m=4 are 270 minibatches, 15 epochs of 19 (the last cut short); optim.epochs (8) is unused."""
+    state = checkpoint.load(make_checkpoint(tmp_path / "epochs.pt"))
+    state["config"]["optim"].update(steps=1080, schedule="cosine")
+    state.update(epoch=15, global_step=270, **recorded)
+    return checkpoint.save_atomic(state, tmp_path / "best.pt")
+
+
+def test_a_step_budget_card_states_the_steps_and_epochs_the_run_trained(tmp_path):
+    ckpt = step_budget_checkpoint(tmp_path, batches_per_epoch=19)
+    export_checkpoint(ckpt, tmp_path / "out")
+    t = json.loads((tmp_path / "out" / "model_card.json").read_text())["training"]
+    assert (t["sgd_steps_budget"], t["minibatches_budget"], t["replays"]) == (1080, 270, 4)
+    assert (t["epochs_real"], t["batches_per_epoch"], t["epochs_completed_real"]) == (15, 19, 15)
+    assert t["epochs_natural"] is None                 # the budget is in steps, not epochs
+    md = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert ("1080 SGD steps counting every replay = 270 minibatches x 4, 15 real epochs of up "
+            "to 19 minibatches; this checkpoint: 270 minibatches x 4 = 1080 SGD steps") in md
+
+
+def test_a_step_budget_checkpoint_without_its_epoch_length_still_exports(tmp_path):
+    """Checkpoints saved before the trainer recorded batches_per_epoch: the steps are known, the
+    epochs the budget made are not, and the card says so."""
+    export_checkpoint(step_budget_checkpoint(tmp_path), tmp_path / "out")
+    t = json.loads((tmp_path / "out" / "model_card.json").read_text())["training"]
+    assert (t["sgd_steps_budget"], t["minibatches_budget"]) == (1080, 270)
+    assert t["epochs_real"] is None and t["batches_per_epoch"] is None
+    md = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "270 minibatches x 4, real epochs not recorded in the checkpoint" in md
+
+
 def test_card_labels_in_training_numbers_as_not_final(resnet_export):
     _, out = resnet_export
     card = json.loads((out / "model_card.json").read_text())

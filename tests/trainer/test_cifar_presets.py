@@ -30,10 +30,10 @@ def test_each_preset_is_the_authors_recipe(preset):
         assert cfg.method.eps == pytest.approx(8 / 255)
     assert cfg.data.pad == 2 and cfg.data.image_size == 32
     m = cfg.replays
-    assert schedule.minibatches(cfg) * m == 80_000               # every replay counts
-    epochs = schedule.real_epochs(cfg, BATCHES_PER_EPOCH)
+    assert cfg.minibatches * m == 80_000                         # every replay counts
+    epochs = cfg.real_epochs(BATCHES_PER_EPOCH)
     assert epochs == math.ceil(80_000 / m / BATCHES_PER_EPOCH)
-    assert sum(schedule.batches_in_epoch(cfg, e, BATCHES_PER_EPOCH) for e in range(epochs)) \
+    assert sum(cfg.batches_in_epoch(e, BATCHES_PER_EPOCH) for e in range(epochs)) \
         == 80_000 // m
     # lr 0.1 -> 0.01 -> 0.001 at SGD steps 40,000 and 60,000 (every m here divides both)
     for minibatch, factor in ((0, 1), (40_000 // m - 1, 1), (40_000 // m, 0.1),
@@ -45,7 +45,7 @@ def test_each_preset_is_the_authors_recipe(preset):
 
 def test_free_m8_is_ten_thousand_minibatches():
     cfg = load_config(ROOT / "configs/cifar10/free_m8.yaml")
-    assert cfg.method.name == "free" and cfg.replays == 8 and schedule.minibatches(cfg) == 10_000
+    assert cfg.method.name == "free" and cfg.replays == 8 and cfg.minibatches == 10_000
 
 
 def test_pgd7_takes_seven_steps_of_2_over_255():
@@ -62,8 +62,8 @@ def test_a_step_budget_refuses_milestones_beyond_it_or_epoch_warm_up():
 
 def test_without_a_step_budget_nothing_changes():
     cfg = load_config(ROOT / "configs/demo.yaml")
-    assert schedule.real_epochs(cfg, 17) == cfg.real_epochs
-    assert schedule.batches_in_epoch(cfg, 3, 17) == 17
+    assert cfg.real_epochs(17) == cfg.real_epochs() == 15     # 60 natural epochs / m=4
+    assert cfg.batches_in_epoch(3, 17) == 17
     assert schedule.lr_at(cfg, 1, 2 + 5 / 17, 999) == \
         schedule.base_lr(cfg, 1) * schedule.lr_factor(cfg, (2 + 5 / 17) * 4)
 

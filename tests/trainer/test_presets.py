@@ -37,8 +37,8 @@ def test_free_presets_follow_the_authors_schedule(preset, world_size):
     m = cfg.method.replays
     assert (m, cfg.method.name, cfg.model.name) == (4, "free", "resnet50")
     assert cfg.method.step_size is None or cfg.method.step_size == cfg.method.eps
-    assert cfg.real_epochs == math.ceil(90 / m) == 23
-    for epoch in range(cfg.real_epochs):
+    assert cfg.real_epochs() == math.ceil(90 / m) == 23
+    for epoch in range(cfg.real_epochs()):
         for within in (0.0, 0.5, 0.999):      # the trainer's progress within the epoch
             lr = schedule.base_lr(cfg, world_size) * schedule.lr_factor(cfg, (epoch + within) * m)
             assert lr == pytest.approx(0.1 * 0.1 ** (epoch // math.ceil(30 / m))), (epoch, within)
@@ -70,7 +70,7 @@ def test_timm_presets_follow_the_ares_schedule_trained_free(preset, world_size):
     assert (m.name, m.replays, m.eps, m.step_size) == ("free", 4, pytest.approx(4 / 255), None)
     assert (o.name, o.weight_decay, o.label_smoothing, o.ema) == ("adamw", 0.05, 0.1, 0.9998)
     assert o.wd_exempt is True and o.clip_grad_norm is None
-    assert cfg.per_rank_batch(world_size) * world_size == 512 and cfg.real_epochs == 75
+    assert cfg.per_rank_batch(world_size) * world_size == 512 and cfg.real_epochs() == 75
     def lr(real_epoch):      # the trainer's lr at a point given in real epochs
         return schedule.lr_at(cfg, world_size, real_epoch)
     assert lr(0) == pytest.approx(1e-6)

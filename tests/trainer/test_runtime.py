@@ -1,10 +1,12 @@
 """Config -> objects: the lr schedule in natural-training epochs, lr scaling, precision choice."""
 
+import typing
+
 import pytest
 import torch
 
 from dist_free import precision
-from dist_free.config import load_config
+from dist_free.config import MethodName, load_config
 from dist_free.trainer import schedule
 
 
@@ -75,3 +77,30 @@ def test_sync_batchnorm_on_cpu_ranks_is_a_clear_config_error():
     cfg = load_config(None, ["model.sync_bn=true"])
     with pytest.raises(ConfigError, match="model.sync_bn=true needs CUDA"):
         wrap(cfg, tiny_net(), DistInfo(rank=0, world_size=2))
+
+
+@pytest.mark.parametrize("name", typing.get_args(MethodName))
+def test_every_method_choice_builds_from_the_config_with_the_options_it_takes(name):
+    """Each config choice builds through the checked entry point, and the registry declares
+    exactly the method-section keys its builder takes, which reach it from the config."""
+    import dataclasses
+    import inspect
+
+    from helpers_nets import sgd, tiny_net
+
+    from dist_free.config import MethodConfig
+    from dist_free.distributed import DistInfo
+    from dist_free.engine import method_registry
+    from dist_free.trainer import runtime
+    cfg = load_config(None, [f"method.name={name}", "method.replays=3", "method.steps=2",
+                             "method.eps=2/255"])
+    model = tiny_net()
+    trainer = runtime.build_method(cfg, model, sgd(model), DistInfo(), amp_dtype=None)
+    assert type(trainer).name == name
+    keys = {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
+    taken = {p for cls in type(trainer).__mro__ if "__init__" in vars(cls)
+             for p in inspect.signature(cls.__init__).parameters if p in keys}
+    assert set(method_registry.spec(name).options) == taken
+    for key in ("eps", "replays", "steps"):
+        if key in taken:
+            assert getattr(trainer, key) == pytest.approx(getattr(cfg.method, key)), key
