@@ -23,7 +23,13 @@ IMAGENET_SIZES = {"train": 1_281_167, "val": 50_000}
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    """Whether nvidia.dali is installed, found without importing it. find_spec imports the parent
+    `nvidia` package first: one that is absent, or present but unimportable (a broken install,
+    an import blocked on purpose), means no DALI as well, not an error."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:
+        return False
 
 
 def resolve_kind(kind: str, device: torch.device) -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import pipelines
 from dist_free import environment
 from dist_free.bench import timing
 from dist_free.engine.free import FreeAdversarialTrainer, UpdateWork, compiled_free_update, free_update
@@ -468,19 +469,10 @@ class TorchvisionDecoder:
         return random_resized_crop(torch.stack(decoded), self.size)
 
 
-def dali_importable() -> bool:
-    import importlib.util
-    try:
-        return importlib.util.find_spec("nvidia") is not None and \
-            importlib.util.find_spec("nvidia.dali") is not None
-    except ImportError:         # a namespace parent that cannot be imported: no DALI either
-        return False
-
-
 def check_decode(s: Sizes, device, work: Path) -> Result:
     """Decode + random-resized-crop images/s on generated ImageNet-sized JPEGs."""
     files = write_fixed_jpegs(work / "fixed_jpegs", s.jpegs)
-    if device.type == "cuda" and dali_importable():
+    if device.type == "cuda" and pipelines.dali_available():
         from dist_free.bench import pipeline
         root = pipeline.write_photo_jpegs(work / "folder_jpegs", s.jpegs)
         loader = pipeline.make_loader("dali-gpu", root, s.decode_batch, s.image_size, device,
@@ -628,7 +620,7 @@ def record(device) -> dict:
     v = environment.versions()
     commit, dirty = environment.git_commit()
     return {"device": environment.device_label(device), "torch": v["torch"], "cuda": v["cuda"],
-            "dali": v["dali"] if dali_importable() else None, "python": v["python"],
+            "dali": v["dali"] if pipelines.dali_available() else None, "python": v["python"],
             "commit": commit[:12] + ("+dirty" if dirty else ""), "cpu": environment.cpu_model(),
             "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
