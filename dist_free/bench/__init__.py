@@ -2,5 +2,6 @@
 
 Modules: suite (the CLI, its parts and configuration), timing (interleaved timing, step and
 update costs, the copy-bandwidth reference), pipeline (decode throughput, end to end on JPEGs),
-workers (child processes: peak memory, DDP scaling), report (Markdown tables, RESULTS.md).
+workers (child processes: peak memory, DDP scaling; worker_main is what a child runs), report
+(Markdown tables, RESULTS.md).
 """
