@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import pipelines
 from dist_free import environment
 from dist_free.bench import timing
+from dist_free.bench.algorithm1 import algorithm1
 from dist_free.engine.free import FreeAdversarialTrainer, UpdateWork, compiled_free_update, free_update
 from dist_free.engine.methods import build_method
 from dist_free.engine.models import build_model
@@ -142,22 +143,6 @@ def sgd(model) -> torch.optim.SGD:
                            foreach=False)
 
 
-def algorithm1(model, batches, eps: float, replays: int) -> torch.Tensor:
-    """Algorithm 1 as the paper writes it, with nothing of ours: delta is the autograd leaf."""
-    opt = sgd(model)
-    delta = torch.zeros_like(batches[0][0])
-    for x, y in batches:
-        for _ in range(replays):
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(model(torch.clamp(x + delta, 0, 1)), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                delta = torch.clamp(delta + eps * delta.grad.sign(), -eps, eps)
-    return delta.detach()
-
-
 class Deterministic:
     """fp32 with TF32 off and deterministic kernels: the two restatements must then agree."""
 
@@ -185,7 +170,7 @@ def check_free_vs_algorithm1(s: Sizes, device) -> Result:
         t = FreeAdversarialTrainer(ours_model, sgd(ours_model), eps=eps, replays=replays)
         for x, y in batches:
             t.train_step(x, y)
-        ref_delta = algorithm1(ref_model, batches, eps, replays)
+        ref_delta = algorithm1(ref_model, sgd(ref_model), batches, eps, replays)
     b = batches[0][0].shape[0]
     ours_delta = t.perturbation[:b]
     w_diff, d_diff = param_diff(ours_model, ref_model), float((ours_delta - ref_delta).abs().max())
