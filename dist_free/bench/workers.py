@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dist_free import distributed, environment
-from dist_free.bench.timing import make_batch, sync
+from dist_free.bench.timing import make_batch, summary, sync
 from dist_free.engine import attacks
 from dist_free.engine.methods import build_method
 from dist_free.engine.models import build_model
@@ -165,11 +165,6 @@ def ddp_method(name: str, model, a, d, hook, state):
     return build_method(name, net, opt, amp_dtype=DTYPES[a.dtype], **method_options(name, a.replays))
 
 
-def barrier(d) -> None:
-    if d.distributed:
-        dist.barrier()
-
-
 def measure_method(name: str, a, d) -> dict:
     """Images/s per rank of DDP training, and (world size > 1) the share of its time that the
     all-reduce costs: the same steps with the all-reduce taken out, interleaved round by round."""
@@ -189,10 +184,10 @@ def measure_method(name: str, a, d) -> dict:
     per_step = counter.bytes
     times, local_times = [], []
     for _ in range(a.rounds):
-        barrier(d)
+        distributed.barrier()
         times.append(timed_steps(method, images, labels, a.steps, d.device))
         if local is not None:
-            barrier(d)
+            distributed.barrier()
             local_times.append(timed_steps(local, images, labels, a.steps, d.device))
     elapsed = statistics.median(times)
     passes = a.steps * (a.replays if name == "free" else 1)
@@ -209,8 +204,7 @@ def measure_method(name: str, a, d) -> dict:
         shares = [1 - b / t for t, b in zip(times, local_times)]
         out.update(local_round_seconds=local_times,
                    images_per_s_per_rank_without_allreduce=a.steps * a.batch / statistics.median(local_times),
-                   allreduce_share={"median": statistics.median(shares), "min": min(shares),
-                                    "max": max(shares), "n": len(shares)})
+                   allreduce_share=summary(shares))
     return out
 
 
@@ -331,4 +325,3 @@ def autoattack_runner():
             _, y_adv = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
             return y_adv == y
         return run, "pyautoattack.AutoAttack (standard) directly"
-
