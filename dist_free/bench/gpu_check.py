@@ -38,8 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import pipelines
 from dist_free import environment
 from dist_free.bench import timing
+from dist_free.bench.algorithm1 import algorithm1
 from dist_free.engine.free import FreeAdversarialTrainer, UpdateWork, compiled_free_update, free_update
 from dist_free.engine.methods import build_method
 from dist_free.engine.models import build_model
@@ -141,22 +143,6 @@ def sgd(model) -> torch.optim.SGD:
                            foreach=False)
 
 
-def algorithm1(model, batches, eps: float, replays: int) -> torch.Tensor:
-    """Algorithm 1 as the paper writes it, with nothing of ours: delta is the autograd leaf."""
-    opt = sgd(model)
-    delta = torch.zeros_like(batches[0][0])
-    for x, y in batches:
-        for _ in range(replays):
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(model(torch.clamp(x + delta, 0, 1)), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                delta = torch.clamp(delta + eps * delta.grad.sign(), -eps, eps)
-    return delta.detach()
-
-
 class Deterministic:
     """fp32 with TF32 off and deterministic kernels: the two restatements must then agree."""
 
@@ -184,7 +170,7 @@ def check_free_vs_algorithm1(s: Sizes, device) -> Result:
         t = FreeAdversarialTrainer(ours_model, sgd(ours_model), eps=eps, replays=replays)
         for x, y in batches:
             t.train_step(x, y)
-        ref_delta = algorithm1(ref_model, batches, eps, replays)
+        ref_delta = algorithm1(ref_model, sgd(ref_model), batches, eps, replays)
     b = batches[0][0].shape[0]
     ours_delta = t.perturbation[:b]
     w_diff, d_diff = param_diff(ours_model, ref_model), float((ours_delta - ref_delta).abs().max())
@@ -468,19 +454,10 @@ class TorchvisionDecoder:
         return random_resized_crop(torch.stack(decoded), self.size)
 
 
-def dali_importable() -> bool:
-    import importlib.util
-    try:
-        return importlib.util.find_spec("nvidia") is not None and \
-            importlib.util.find_spec("nvidia.dali") is not None
-    except ImportError:         # a namespace parent that cannot be imported: no DALI either
-        return False
-
-
 def check_decode(s: Sizes, device, work: Path) -> Result:
     """Decode + random-resized-crop images/s on generated ImageNet-sized JPEGs."""
     files = write_fixed_jpegs(work / "fixed_jpegs", s.jpegs)
-    if device.type == "cuda" and dali_importable():
+    if device.type == "cuda" and pipelines.dali_available():
         from dist_free.bench import pipeline
         root = pipeline.write_photo_jpegs(work / "folder_jpegs", s.jpegs)
         loader = pipeline.make_loader("dali-gpu", root, s.decode_batch, s.image_size, device,
@@ -628,7 +605,7 @@ def record(device) -> dict:
     v = environment.versions()
     commit, dirty = environment.git_commit()
     return {"device": environment.device_label(device), "torch": v["torch"], "cuda": v["cuda"],
-            "dali": v["dali"] if dali_importable() else None, "python": v["python"],
+            "dali": v["dali"] if pipelines.dali_available() else None, "python": v["python"],
             "commit": commit[:12] + ("+dirty" if dirty else ""), "cpu": environment.cpu_model(),
             "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import pipelines
-from dist_free.bench.timing import sync, target
+from dist_free.bench.timing import summary, sync, target
 from dist_free.engine.methods import build_method
 from dist_free.engine.models import build_model
 from dist_free.precision import DTYPES
@@ -103,8 +103,7 @@ def pipeline_throughput(root: Path, batch: int, image_size: int, device, threads
     ratios = [a / b for a, b in zip(rates["dali"], rates["dataloader"])]
     ratio = float(np.median(ratios))
     return {"kinds": kinds, "threads": threads, "batch": batch, "image_size": image_size,
-            "images_per_s": {n: {"median": med[n], "min": min(v), "max": max(v), "n": len(v)}
-                             for n, v in rates.items()},
+            "images_per_s": {n: summary(v) for n, v in rates.items()},
             "images_per_s_per_thread": {n: m / threads for n, m in med.items()},
             "dali_vs_dataloader": {"median": ratio, "min": min(ratios), "max": max(ratios)},
             "dataset": dataset_stats(root),
@@ -224,7 +223,7 @@ def reference_vs_trainer(root: Path, model_name: str, image_size: int, batch: in
             runs[name].append(steady_rate(step, loader, max_batches))
 
     def ratio(num, den):
-        return summary_of([a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[num], runs[den])])
+        return summary([a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[num], runs[den])])
     rec = ratio("ours_recommended", "reference")
     return {"model": model_name, "image_size": image_size, "batch": batch, "replays": replays,
             "eps": eps, "threads": threads, "batches_per_run": max_batches, "rounds": rounds,
@@ -234,12 +233,8 @@ def reference_vs_trainer(root: Path, model_name: str, image_size: int, batch: in
                                 f"({amp_reason}), channels_last={channels_last}",
             "ours_fp32": f"DALI CPU ({threads} threads), fp32, NCHW",
             "runs": runs,
-            "images_per_s": {name: summary_of([x["images_per_s"] for x in v]) for name, v in runs.items()},
+            "images_per_s": {name: summary([x["images_per_s"] for x in v]) for name, v in runs.items()},
             "ratios": {"ours_recommended/reference": rec,
                        "ours_fp32/reference": ratio("ours_fp32", "reference"),
                        "ours_recommended/ours_fp32": ratio("ours_recommended", "ours_fp32")},
             "targets": {"recommended_vs_reference": target(rec["median"], ">= 1.5", rec["median"] >= 1.5)}}
-
-
-def summary_of(xs: list[float]) -> dict:
-    return {"median": float(np.median(xs)), "min": min(xs), "max": max(xs), "n": len(xs)}

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 import pipelines
-from dist_free.bench.pipeline import epoch_rate, pipeline_kinds, summary_of, train_rate
+from dist_free.bench.pipeline import epoch_rate, pipeline_kinds, train_rate
+from dist_free.bench.timing import summary
 from dist_free.engine.methods import build_method
 from dist_free.engine.models import build_model
 from pipelines.cifar_write import write_cifar
@@ -86,8 +87,8 @@ def resident_vs_jpeg(workdir: Path, count: int, batch: int, device, threads: int
             train[name].append(train_rate(method, loader, device, max_batches))
     return {"images": count, "batch": batch, "threads": threads, "jpeg_quality": JPEG_QUALITY,
             "kinds": {name: kind for name, (kind, _) in built.items()},
-            "loader_images_per_s": {n: summary_of(v) for n, v in rates.items()},
-            "resident_vs_dali": summary_of([a / b for a, b in zip(rates["resident"], rates["dali"])]),
+            "loader_images_per_s": {n: summary(v) for n, v in rates.items()},
+            "resident_vs_dali": summary([a / b for a, b in zip(rates["resident"], rates["dali"])]),
             "training": {"model": model_name, "replays": replays, "batches": max_batches, **{
                 name: {"images_per_s": float(np.median([x["images_per_s"] for x in v])),
                        "data_wait_frac": float(np.median([x["data_wait_frac"] for x in v]))}

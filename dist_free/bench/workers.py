@@ -5,9 +5,12 @@ natural training must not share one; DDP needs torchrun's ranks. The parent star
 `spawn_memory` / `spawn_ranks` and reads back one JSON file each. Every world size, 1 included,
 runs under torchrun with the same threads per rank, so world sizes compare like for like.
 
-    python -m dist_free.bench.workers memory --method free --model resnet18 ... --out F.json
-    torchrun --nproc_per_node=2 -m dist_free.bench.workers ddp --threads 1 ... --out F.json
-    torchrun --nproc_per_node=2 -m dist_free.bench.workers eval --threads 1 ... --out F.json
+Both sides are here, to be imported: the parent's (spawn_*) and the children's (*_worker). What
+a child process runs is worker_main.py:
+
+    python -m dist_free.bench.worker_main memory --method free --model resnet18 ... --out F.json
+    torchrun --nproc_per_node=2 -m dist_free.bench.worker_main ddp --threads 1 ... --out F.json
+    torchrun --nproc_per_node=2 -m dist_free.bench.worker_main eval --threads 1 ... --out F.json
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dist_free import distributed, environment
-from dist_free.bench.timing import make_batch, sync
+from dist_free.bench.timing import make_batch, summary, sync
 from dist_free.engine import attacks, method_registry
 from dist_free.engine.methods import build_method
 from dist_free.engine.models import build_model
@@ -101,7 +104,7 @@ def memory_worker(a: argparse.Namespace) -> dict:
 def spawn_memory(methods: list[str], cfg: dict, workdir: Path, threads: int) -> dict:
     """One child per method, run at the same time: peak memory does not mind sharing the cores."""
     outs = {m: workdir / f"memory_{m}.json" for m in methods}
-    procs = {m: start_child([sys.executable, "-m", "dist_free.bench.workers", "memory", "--method",
+    procs = {m: start_child([sys.executable, "-m", "dist_free.bench.worker_main", "memory", "--method",
                              m, "--out", str(out)] + worker_flags(cfg), threads)
              for m, out in outs.items()}
     return {m: finish_child(procs[m], outs[m], timeout=600) for m in methods}
@@ -164,11 +167,6 @@ def ddp_method(name: str, model, a, d, hook, state):
     return build_method(name, net, opt, amp_dtype=DTYPES[a.dtype], **method_options(name, a.replays))
 
 
-def barrier(d) -> None:
-    if d.distributed:
-        dist.barrier()
-
-
 def measure_method(name: str, a, d) -> dict:
     """Images/s per rank of DDP training, and (world size > 1) the share of its time that the
     all-reduce costs: the same steps with the all-reduce taken out, interleaved round by round."""
@@ -188,10 +186,10 @@ def measure_method(name: str, a, d) -> dict:
     per_step = counter.bytes
     times, local_times = [], []
     for _ in range(a.rounds):
-        barrier(d)
+        distributed.barrier()
         times.append(timed_steps(method, images, labels, a.steps, d.device))
         if local is not None:
-            barrier(d)
+            distributed.barrier()
             local_times.append(timed_steps(local, images, labels, a.steps, d.device))
     elapsed = statistics.median(times)
     passes = a.steps * (a.replays if name == "free" else 1)
@@ -208,8 +206,7 @@ def measure_method(name: str, a, d) -> dict:
         shares = [1 - b / t for t, b in zip(times, local_times)]
         out.update(local_round_seconds=local_times,
                    images_per_s_per_rank_without_allreduce=a.steps * a.batch / statistics.median(local_times),
-                   allreduce_share={"median": statistics.median(shares), "min": min(shares),
-                                    "max": max(shares), "n": len(shares)})
+                   allreduce_share=summary(shares))
     return out
 
 
@@ -241,7 +238,7 @@ def spawn_ranks(kind: str, world_size: int, cfg: dict, workdir: Path, threads: i
     out = workdir / f"{kind}_{world_size}.json"
     out.unlink(missing_ok=True)      # a rerun must not read an earlier run's file
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world_size}", "-m", "dist_free.bench.workers", kind,
+           f"--nproc_per_node={world_size}", "-m", "dist_free.bench.worker_main", kind,
            "--out", str(out), "--threads", str(threads)] + worker_flags(cfg)
     return run_child(cmd, out, threads, timeout=timeout)
 
@@ -330,42 +327,3 @@ def autoattack_runner():
             _, y_adv = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
             return y_adv == y
         return run, "pyautoattack.AutoAttack (standard) directly"
-
-
-# ---------------------------------------------------------------- CLI
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_free.bench.workers")
-    p.add_argument("kind", choices=["memory", "ddp", "eval"])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--method", default="free")
-    p.add_argument("--model", required=True)
-    p.add_argument("--image-size", type=int, required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--replays", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (ddp, eval)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (ddp, eval)")
-    p.add_argument("--channels-last", action="store_true")
-    # eval
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--eps", type=float, default=8 / 255)
-    p.add_argument("--pgd-steps", type=int, default=10)
-    p.add_argument("--pgd-restarts", type=int, default=1)
-    p.add_argument("--aa-batch-never", type=int, default=16,
-                   help="images per rank for AutoAttack's never-broken case (its full budget)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    result = {"memory": memory_worker, "ddp": ddp_worker, "eval": eval_worker}[a.kind](a)
-    if result is not None:
-        a.out.write_text(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """The benchmark suite: its --quick form runs end to end, and the pieces it is built from measure
 what they claim to (timing arithmetic, bytes moved, realistic JPEGs, DDP's all-reduced bytes)."""
 
+import ast
 import json
 import re
 import subprocess
@@ -326,6 +327,29 @@ def test_unbreakable_network_keeps_its_prediction_under_any_eps_input():
     x.requires_grad_(True)
     model(x)[:, 1].sum().backward()
     assert x.grad.abs().sum() > 0
+
+
+def bench_imports(path: Path) -> set[str]:
+    """The dist_free.bench modules a file imports, function-level imports included."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in names if n.startswith("dist_free.bench.")}
+
+
+def test_no_bench_module_imports_a_module_that_a_process_runs():
+    """`python -m M` runs M as __main__: M imported as well would be a second copy of it, with its
+    own globals. So the children's entry point is worker_main, and the workers are a library."""
+    bench = REPO / "dist_free" / "bench"
+    entry_points = {f"dist_free.bench.{p.stem}" for p in bench.glob("*.py")
+                    if p.stem == "__main__" or 'if __name__ == "__main__"' in p.read_text()}
+    assert entry_points == {"dist_free.bench.__main__", "dist_free.bench.worker_main"}
+    for path in bench.glob("*.py"):
+        assert not bench_imports(path) & entry_points, path.name
 
 
 def test_photo_jpegs_are_imagenet_sized_real_photos(tmp_path):

@@ -1,36 +1,21 @@
-"""FreeAdversarialTrainer against a plain re-statement of the paper's loop, and its error messages."""
+"""FreeAdversarialTrainer against a plain restatement of the paper's loop (the oracle the GPU check
+uses too, dist_free/bench/algorithm1.py), and its error messages."""
 
 import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers_nets import minibatches, sgd, tiny_net
 
+from dist_free.bench.algorithm1 import algorithm1
 from dist_free.engine.free import FreeAdversarialTrainer
-
-
-def reference_free_training(model, optimizer, batches, eps, replays, max_batch):
-    """Algorithm 1, as obviously as it can be written: autograd through clamp(x + delta)."""
-    global_delta = torch.zeros(max_batch, 3, 6, 6)
-    for x, y in batches:
-        b = x.shape[0]
-        for _ in range(replays):
-            delta = global_delta[:b].clone().requires_grad_(True)
-            loss = F.cross_entropy(model(torch.clamp(x + delta, 0, 1)), y)
-            optimizer.zero_grad()
-            loss.backward()
-            global_delta[:b] = torch.clamp(global_delta[:b] + eps * delta.grad.sign(), -eps, eps)
-            optimizer.step()
-    return global_delta
 
 
 def test_matches_plain_restatement_of_the_paper_loop():
     eps, replays, sizes = 8 / 255, 3, [16, 16, 16, 7]   # several minibatches, smaller last one
     ref_model = tiny_net()
     model = copy.deepcopy(ref_model)
-    ref_delta = reference_free_training(ref_model, sgd(ref_model), minibatches(sizes), eps,
-                                        replays, max_batch=16)
+    ref_delta = algorithm1(ref_model, sgd(ref_model), minibatches(sizes), eps, replays)
     trainer = FreeAdversarialTrainer(model, sgd(model), eps=eps, replays=replays)
     for x, y in minibatches(sizes):
         trainer.train_step(x, y)

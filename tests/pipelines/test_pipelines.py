@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,14 @@ from helpers_data import (
 )
 from PIL import Image
 
-from pipelines import DataError, build_loader, check_dataset, list_split, resolve_kind
+from pipelines import (
+    DataError,
+    build_loader,
+    check_dataset,
+    dali_available,
+    list_split,
+    resolve_kind,
+)
 from pipelines.datasets import file_list_path
 from pipelines.sharding import train_shard, val_shard
 
@@ -208,6 +218,31 @@ def test_loader_kind_is_resolved_or_refused():
         resolve_kind("dali-gpu", torch.device("cpu"))
     with pytest.raises(DataError, match="unknown loader"):
         resolve_kind("dali", torch.device("cpu"))
+
+
+class RefusedNvidia(importlib.abc.MetaPathFinder):
+    """Finds `nvidia` and below by raising `error`: ModuleNotFoundError as for a package that is
+    not installed, ImportError as for one that cannot be imported (or an import blocked on purpose)."""
+
+    def __init__(self, error: type[ImportError]):
+        self.error = error
+
+    def find_spec(self, name, path, target=None):
+        if name == "nvidia" or name.startswith("nvidia."):
+            raise self.error(f"{name} refused by the test")
+        return None
+
+
+@pytest.mark.parametrize("error", [ModuleNotFoundError, ImportError])
+def test_an_nvidia_package_that_cannot_be_imported_means_no_dali(monkeypatch, error):
+    # Loaded modules would be found in sys.modules without asking any finder.
+    for name in [m for m in sys.modules if m == "nvidia" or m.startswith("nvidia.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [RefusedNvidia(error), *sys.meta_path])
+    assert dali_available() is False
+    assert resolve_kind("auto", torch.device("cpu")) == "torchvision"
+    with pytest.raises(DataError, match="needs nvidia-dali"):
+        resolve_kind("dali-cpu", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("kind", LOADERS)
