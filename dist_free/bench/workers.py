@@ -192,14 +192,15 @@ def measure_method(name: str, a, d) -> dict:
             distributed.barrier()
             local_times.append(timed_steps(local, images, labels, a.steps, d.device))
     elapsed = statistics.median(times)
-    passes = a.steps * (a.replays if name == "free" else 1)
+    replays = a.replays if method_registry.takes(name, "replays") else 1
+    passes = a.steps * replays
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     delta = getattr(method, "perturbation", None)
     out = {"images_per_s_per_rank": a.steps * a.batch / elapsed,
            "passes_per_s_per_rank": passes / elapsed,
            "round_seconds": times,
            "allreduce_bytes_per_train_step": per_step,
-           "allreduce_bytes_per_pass": per_step / (a.replays if name == "free" else 1),
+           "allreduce_bytes_per_pass": per_step / replays,
            "param_bytes": params,
            "perturbation_bytes": 0 if delta is None else delta.numel() * delta.element_size()}
     if local is not None:
