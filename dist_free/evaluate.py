@@ -50,7 +50,7 @@ from dist_free.evaluation.protocol import EvalProtocol
 from dist_free.evaluation.robust_eval import ATTACKS, evaluate
 from dist_free.progress import Progress
 from dist_free.publish.load import eval_weights
-from dist_free.tracking.uri import bound_http_retries, resolve_uri
+from dist_free.tracking import log_to_run, resolve_uri
 from dist_free.trainer import runtime
 
 FINAL_PGD = (50, 10)   # steps, restarts: the final-report protocol
@@ -221,16 +221,9 @@ def log_to_mlflow(rep: dict, path: Path, state: dict, cfg) -> None:
     if not run_id or not cfg.tracking.enabled:
         return
     uri = resolve_uri(cfg.tracking.uri)
-    bound_http_retries(uri)     # fail in seconds when a server is down, not after minutes
     try:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric, RunTag
-        client = MlflowClient(uri)
-        now = int(time.time() * 1000)
         metrics, tags = report.mlflow_records(rep)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
-        client.log_artifact(run_id, str(path), "final_eval")
+        log_to_run(uri, run_id, metrics, tags, path, "final_eval")
         print(f"logged to MLflow run {run_id} at {uri}")
     except Exception as e:  # any tracking trouble: the report on disk is what matters
         print(f"warning: could not log to MLflow run {run_id} at {uri} "
