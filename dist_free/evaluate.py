@@ -43,13 +43,14 @@ import time
 from pathlib import Path
 
 import pipelines
-from dist_free import checkpoint, distributed, precision
+from dist_free import checkpoint, distributed
 from dist_free.config import ConfigError, config_from_dict, parse_fraction
 from dist_free.evaluation import autoattack, report
+from dist_free.evaluation.protocol import EvalProtocol
 from dist_free.evaluation.robust_eval import ATTACKS, evaluate
 from dist_free.progress import Progress
 from dist_free.publish.load import eval_weights
-from dist_free.tracking.uri import bound_http_retries, resolve_uri
+from dist_free.tracking import log_to_run, resolve_uri
 from dist_free.trainer import runtime
 
 FINAL_PGD = (50, 10)   # steps, restarts: the final-report protocol
@@ -143,6 +144,13 @@ def val_loader(cfg, d, class_to_idx, subset: int | None):
     return runtime.build_loader(cfg, d, "val", class_to_idx, subset=subset, whole_batches=True)
 
 
+def eval_protocol(args, cfg) -> EvalProtocol:
+    """The protocol the flags ask for; eps defaults to the run's eval eps."""
+    return EvalProtocol(attacks=args.attack, eps_values=tuple(args.eps or [cfg.eval_eps]),
+                        steps=args.steps, restarts=args.restarts, step_size=args.step_size,
+                        amp=args.amp, subset=args.subset, masking_gap=args.masking_gap)
+
+
 def load_run(args):
     """(checkpoint state, config); raises CheckpointError/ConfigError/AutoAttackUnavailable."""
     state = checkpoint.load(args.checkpoint)
@@ -159,20 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     except (checkpoint.CheckpointError, ConfigError, autoattack.AutoAttackUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    eps_values = args.eps or [cfg.eval_eps]
+    protocol = eval_protocol(args, cfg)
     d = distributed.init(cfg.run.device)
     setup_logging(d.is_main)
     start = time.perf_counter()
     try:
-        loader = val_loader(cfg, d, state.get("class_to_idx"), args.subset)
+        loader = val_loader(cfg, d, state.get("class_to_idx"), protocol.subset)
         model = runtime.build_bare_model(cfg, d.device)
         model.load_state_dict(eval_weights(state))     # the EMA's, when the run kept one
         progress = Progress("evaluate", getattr(loader, "num_samples", 0), unit="img",
                             enabled=d.is_main, mode=cfg.run.progress)
-        # eps = 0 is the clean accuracy; attacking at eps 0 would only recompute it.
-        result = evaluate(model, loader, eps_values=[e for e in eps_values if e > 0],
-                          steps=args.steps, step_size=args.step_size, restarts=args.restarts,
-                          amp_dtype=precision.dtype_of(args.amp), attack_names=args.attack,
+        result = evaluate(model, loader, eps_values=protocol.attacked_eps, steps=protocol.steps,
+                          step_size=protocol.step_size, restarts=protocol.restarts,
+                          amp_dtype=protocol.amp_dtype, attack_names=protocol.attacks,
                           verbose=args.verbose, progress=progress)
         progress.close()
     except pipelines.DataError as e:
@@ -181,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.shutdown()
     if d.is_main:
-        built = report.build_report(args, state, result, eps_values, loader, d.world_size,
-                                    time.perf_counter() - start)
+        built = report.build_report(protocol, args.checkpoint, state, result, loader,
+                                    d.world_size, time.perf_counter() - start)
         finish(args, cfg, state, built)
     return 0
 
@@ -214,16 +221,9 @@ def log_to_mlflow(rep: dict, path: Path, state: dict, cfg) -> None:
     if not run_id or not cfg.tracking.enabled:
         return
     uri = resolve_uri(cfg.tracking.uri)
-    bound_http_retries(uri)     # fail in seconds when a server is down, not after minutes
     try:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric, RunTag
-        client = MlflowClient(uri)
-        now = int(time.time() * 1000)
         metrics, tags = report.mlflow_records(rep)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
-        client.log_artifact(run_id, str(path), "final_eval")
+        log_to_run(uri, run_id, metrics, tags, path, "final_eval")
         print(f"logged to MLflow run {run_id} at {uri}")
     except Exception as e:  # any tracking trouble: the report on disk is what matters
         print(f"warning: could not log to MLflow run {run_id} at {uri} "

@@ -17,6 +17,7 @@ from dist_free import checkpoint, precision
 from dist_free.engine.attacks import default_step_size
 from dist_free.evaluation import autoattack, masking
 from dist_free.evaluation.masking import attack_tag
+from dist_free.evaluation.protocol import EvalProtocol
 
 
 def pct(x: float | None, spec: str = ".2f") -> str:
@@ -30,9 +31,10 @@ def eps_text(eps: float) -> str:
 
 # ------------------------------------------------------------------ the schema
 
-def build_report(args, state: dict, result: dict, eps_values: list[float], loader,
+def build_report(protocol: EvalProtocol, checkpoint_path: Path, state: dict, result: dict, loader,
                  world_size: int, seconds: float) -> dict:
-    """The report (dist_free.publish.card reads it, so keep its keys):
+    """The report of `result`, measured by `protocol` on the checkpoint at `checkpoint_path`
+    (`state` is what it holds). dist_free.publish.card reads it, so keep its keys:
 
     checkpoint {path, sha256, epoch, global_step}, split "val", images, subset (null or {n,
     selection, files_sha256}), dtype, world_size, seconds, clean {top1, top5}, results (one per
@@ -40,36 +42,35 @@ def build_report(args, state: dict, result: dict, eps_values: list[float], loade
     verdict: flagged, signs, checks, not_checked, threshold, ce_vs_margin,
     pgd_minus_autoattack). batch_size and seed are recorded too: AutoAttack's per-image
     results depend on the batch an image is attacked in (see dist_free.evaluation.autoattack).
-    `args` holds the protocol as `python -m dist_free.evaluate` parses it.
     """
     listing = getattr(loader, "listing", None)
-    subset = None if args.subset is None else {
-        "n": args.subset, "selection": pipelines.SELECTION,
+    subset = None if protocol.subset is None else {
+        "n": protocol.subset, "selection": pipelines.SELECTION,
         "files_sha256": pipelines.selection_sha256(listing) if listing is not None else None}
-    results = result_rows(args, result, eps_values)
+    results = result_rows(protocol, result)
     return {
-        "checkpoint": {"path": str(args.checkpoint), "sha256": checkpoint.sha256(args.checkpoint),
+        "checkpoint": {"path": str(checkpoint_path), "sha256": checkpoint.sha256(checkpoint_path),
                        "epoch": state["epoch"], "global_step": state.get("global_step")},
         "split": "val", "images": result["samples"], "subset": subset,
-        "dtype": precision.NAMES[precision.dtype_of(args.amp)], "world_size": world_size,
+        "dtype": precision.NAMES[protocol.amp_dtype], "world_size": world_size,
         "seconds": round(seconds, 3),
         "batch_size": getattr(loader, "batch_size", None), "seed": 0,
         "clean": {"top1": result["top1"], "top5": result["top5"]},
         "results": results,
-        "gradient_masking": masking.assess(results, gap=args.masking_gap),
+        "gradient_masking": masking.assess(results, gap=protocol.masking_gap),
     }
 
 
-def result_rows(args, result: dict, eps_values: list[float]) -> list[dict]:
+def result_rows(protocol: EvalProtocol, result: dict) -> list[dict]:
     """One row per attack per eps; at eps 0 every attack's robust accuracy is the clean one."""
     top1, rows = result["top1"], []
-    for eps in eps_values:
-        if "pgd" in args.attack:
-            rows.append({"attack": "pgd", "eps": eps, "steps": args.steps,
-                         "restarts": args.restarts,
-                         "step_size": args.step_size or default_step_size(eps, args.steps), "loss": "ce",
-                         "robust_top1": result["pgd"].get(eps, top1)})
-        if "autoattack" in args.attack:
+    for eps in protocol.eps_values:
+        if "pgd" in protocol.attacks:
+            rows.append({"attack": "pgd", "eps": eps, "steps": protocol.steps,
+                         "restarts": protocol.restarts,
+                         "step_size": protocol.step_size or default_step_size(eps, protocol.steps),
+                         "loss": "ce", "robust_top1": result["pgd"].get(eps, top1)})
+        if "autoattack" in protocol.attacks:
             aa = result["autoattack"].get(eps) or {
                 "robust_top1": top1, "robust_after": dict.fromkeys(autoattack.STANDARD, top1)}
             rows.append({"attack": "autoattack", "version": autoattack.VERSION, "eps": eps,

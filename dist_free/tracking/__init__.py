@@ -12,12 +12,16 @@ Modules: tracker (the log calls, the uploader thread, outage handling), journal 
 journal every item goes through first: files, bounds, what a kill -9 can lose), uploader
 (following a journal by acknowledged offset; `replay`), sender (the MLflow calls), staging
 (artifacts frozen at log time), uri (URI resolution, no credentials), system_metrics (CPU/GPU
-sampling), tags (environment tags); `python -m dist_free.tracking replay RUN_DIR` is __main__.
+sampling), tags (environment tags), direct (`log_to_run`: at once, no journal, for commands
+that run after training); `python -m dist_free.tracking replay RUN_DIR` is __main__.
+
+This package is the one home of MLflow: nothing else in dist_free imports it.
 """
 
+from dist_free.tracking.direct import log_to_run
 from dist_free.tracking.tags import environment_tags
 from dist_free.tracking.tracker import NullTracker, Tracker, build_tracker
 from dist_free.tracking.uri import TrackingConfigError, check_uri, resolve_uri
 
 __all__ = ["NullTracker", "Tracker", "TrackingConfigError", "build_tracker", "check_uri",
-           "environment_tags", "resolve_uri"]
+           "environment_tags", "log_to_run", "resolve_uri"]

@@ -15,16 +15,16 @@ class SystemSampler:
     for good at its first failed request; through the queue they survive an outage.
     Step = whole seconds since the run started, so a resumed run continues the same axis.
     The sampling interval follows MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (MLflow's default: 10 s).
+    `tracker` gets the samples (its log_metrics); `uri` is the run's tracking URI.
     """
 
-    def __init__(self, tracker, start_ms: int):
+    def __init__(self, tracker, uri: str, start_ms: int):
         self._tracker, self._start_ms = tracker, start_ms
         self._stop = threading.Event()
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(run_id=None,
-                                                 tracking_uri=tracker._target.uri)
+            self._monitor = SystemMetricsMonitor(run_id=None, tracking_uri=uri)
         except Exception as exc:  # noqa: BLE001 - psutil missing: tracking goes on without them
             log.warning("MLflow system metrics off (%s); install psutil (and nvidia-ml-py for "
                         "GPUs)", exc)

@@ -310,7 +310,7 @@ class Tracker(NullTracker):
         log.info("MLflow run %s at %s%s", self._target.run_id, self._target.uri,
                  " (resumed)" if self._target.resumed else "")
         if self._want_system and self._sampler is None and not self._closing.is_set():
-            self._sampler = SystemSampler(self, self._target.start_ms)
+            self._sampler = SystemSampler(self, self._target.uri, self._target.start_ms)
 
     def _older_journals(self) -> list:
         """Earlier sessions' journals this session sends first: those logging to the same URI."""

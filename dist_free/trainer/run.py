@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from dist_free import checkpoint, environment, precision
 from dist_free.config import Config, flatten, to_yaml
 from dist_free.distributed import DistInfo
+from dist_free.engine.ema import ModelEMA
 from dist_free.engine.step_base import StepBase
 from dist_free.tracking import build_tracker, environment_tags
 from dist_free.trainer import runtime, validation
@@ -41,6 +43,8 @@ class Hooks:
 
 @dataclass
 class Run:
+    """Everything the loop trains with; what its evaluations read of it is validation.Evaluated."""
+
     cfg: Config
     d: DistInfo
     run_dir: Path
@@ -48,8 +52,8 @@ class Run:
     method: StepBase                  # natural/free/pgd/fast trainer around the DDP model
     optimizer: torch.optim.Optimizer
     train_loader: object
-    val_loader: object
-    holdout_loader: object | None     # eval.holdout training images, never trained on
+    val_loader: Iterable
+    holdout_loader: Iterable | None   # eval.holdout training images, never trained on
     tracker: object
     amp_dtype: torch.dtype | None
     epoch: int = 0                    # completed epochs
@@ -58,7 +62,7 @@ class Run:
     best_metric: float = -1.0         # best PGD accuracy on the selection split
     eval_pending: bool = False        # the epoch's checkpoint is saved, its evaluation is not
     guard: validation.CollapseGuard | None = None
-    ema: object | None = None         # dist_free.engine.ema.ModelEMA when optim.ema is set
+    ema: ModelEMA | None = None       # when optim.ema is set
     # Per metric family, the last step MLflow has (or an earlier session's journal will send):
     # a restart re-runs steps, so metrics at steps <= this are not logged again.
     logged_through: dict[str, int] = field(default_factory=dict)

@@ -10,6 +10,7 @@
 - Every evaluation checks, between batches, whether a stop was requested on any rank, and a
   rank asked to stop leaves a batch at its attack's next forward, so a SIGTERM during an
   evaluation is answered within one attack step.
+- What these functions read of a run is `Evaluated`, and nothing else.
 """
 
 from __future__ import annotations
@@ -17,11 +18,30 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from dist_free import distributed, precision
+from dist_free.config import Config
+from dist_free.distributed import DistInfo
+from dist_free.engine.ema import ModelEMA
 from dist_free.evaluation.robust_eval import evaluate
+from dist_free.trainer.stops.preemption import Preemption
+
+
+class Evaluated(Protocol):
+    """What evaluation during training reads of a run (dist_free.trainer.run.Run is one)."""
+
+    cfg: Config                       # eval.* and eval_eps: the protocol
+    d: DistInfo                       # its device carries the stop votes
+    model: torch.nn.Module            # the bare model
+    ema: ModelEMA | None              # evaluated instead of `model` when the run keeps one
+    val_loader: Iterable              # reported on
+    holdout_loader: Iterable | None   # selected on, when eval.holdout is set
+    preemption: Preemption            # `requested`: polled between batches and at every forward
+    epoch: int                        # the report's epoch and step
+    global_step: int
 
 
 class Stopped(Exception):
@@ -55,8 +75,8 @@ class _StopMidBatch(Exception):
     """This rank was asked to stop during an attack (raised at its next forward)."""
 
 
-def pgd_accuracy(run, loader, *, steps: int, restarts: int, max_batches: int | None,
-                 model=None) -> dict:
+def pgd_accuracy(run: Evaluated, loader: Iterable, *, steps: int, restarts: int,
+                 max_batches: int | None, model: torch.nn.Module | None = None) -> dict:
     """Clean and PGD accuracy of the bare model (or `model`) on `loader`, with rank 0's
     BatchNorm statistics (each rank's running stats drift apart between DDP's broadcasts).
 
@@ -85,11 +105,10 @@ def pgd_accuracy(run, loader, *, steps: int, restarts: int, max_batches: int | N
         hook.remove()
 
 
-def epoch_report(run) -> dict:
+def epoch_report(run: Evaluated) -> dict:
     """PGD evaluation on val (reported) and on the holdout (selection), with its protocol; of
     the EMA weights when the run keeps them (optim.ema): those are what best.pt ships."""
-    cfg, start = run.cfg, time.perf_counter()
-    ema = getattr(run, "ema", None)
+    cfg, ema, start = run.cfg, run.ema, time.perf_counter()
     kw = dict(steps=cfg.eval.steps, restarts=cfg.eval.restarts, max_batches=cfg.eval.max_batches,
               model=ema.module if ema is not None else None)
     val = pgd_accuracy(run, run.val_loader, **kw)
@@ -107,7 +126,7 @@ def epoch_report(run) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def probe(run) -> tuple[float, float]:
+def probe(run: Evaluated) -> tuple[float, float]:
     """(PGD, clean) accuracy on the first eval.probe_batches held-out batches per rank."""
     cfg = run.cfg
     r = pgd_accuracy(run, run.holdout_loader or run.val_loader, steps=cfg.eval.probe_steps,

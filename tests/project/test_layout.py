@@ -141,6 +141,30 @@ def test_a_command_imports_no_other_command(path):
     assert not others, f"{mine} imports the commands {others}"
 
 
+def mlflow_imports(path: Path) -> list[str]:
+    return sorted(n for n in imported_modules(path) if layer_of(n) == "mlflow")
+
+
+# MLflow's one home is a folder, whatever the layers of its modules (its __main__ is a command).
+OUTSIDE_TRACKING = sorted(p for p in PACKAGE.rglob("*.py") if not p.is_relative_to(PACKAGE / "tracking"))
+
+
+@pytest.mark.parametrize("path", OUTSIDE_TRACKING, ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_tracking_imports_mlflow(path):
+    """tracking/ is MLflow's one home: the commands too log through it (evaluate.py's final
+    numbers go through tracking.log_to_run)."""
+    assert not mlflow_imports(path), (
+        f"{path.relative_to(ROOT)} imports {mlflow_imports(path)}: go through dist_free.tracking")
+
+
+def test_the_mlflow_rule_catches_a_command_that_imports_it(tmp_path):
+    fake = tmp_path / "evaluate.py"
+    fake.write_text("def log():\n    from mlflow import MlflowClient\n"
+                    "    from mlflow.entities import Metric\n")
+    assert mlflow_imports(fake) == ["mlflow", "mlflow.MlflowClient", "mlflow.entities",
+                                    "mlflow.entities.Metric"]
+
+
 @pytest.mark.parametrize("path", modules_of("face"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_an_old_public_path_only_re_exports(path):
     tree = ast.parse(path.read_text())

@@ -14,7 +14,7 @@ from helpers_mlflow import finishes_within, held_server
 from mlflow import MlflowClient
 
 from dist_free.config import flatten
-from dist_free.tracking import NullTracker, Tracker, build_tracker, environment_tags
+from dist_free.tracking import NullTracker, Tracker, build_tracker, environment_tags, log_to_run
 from dist_free.tracking.__main__ import main
 from dist_free.tracking.journal import WAL_DIR
 from dist_free.tracking.staging import STAGING_DIR
@@ -306,3 +306,31 @@ def test_close_gives_a_server_that_never_answers_only_its_timeout(tmp_path, monk
 def test_replay_without_a_write_ahead_log_names_the_folder(tmp_path, capsys):
     assert main(["replay", str(tmp_path)]) == 2
     assert f"no MLflow write-ahead log in {tmp_path / WAL_DIR}" in capsys.readouterr().err
+
+
+def test_log_to_run_records_metrics_tags_and_a_file_on_an_existing_run(tmp_path, store):
+    uri, artifacts = store
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("direct", artifacts)).info.run_id
+    report = tmp_path / "eval.json"
+    report.write_text("{}")
+    log_to_run(uri, run_id, {"final/top1": 0.5}, {"final.dtype": "fp32"}, report, "final_eval")
+    run = client.get_run(run_id)
+    assert run.data.metrics == {"final/top1": 0.5} and run.data.tags["final.dtype"] == "fp32"
+    assert steps_of(client, run_id, "final/top1") == [0]
+    assert [a.path for a in client.list_artifacts(run_id, "final_eval")] == ["final_eval/eval.json"]
+
+
+def test_log_to_run_gives_up_on_a_dead_server_in_seconds(tmp_path, monkeypatch):
+    """MLflow's own retries would hold the command for minutes: they are bounded first."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    failed = []
+
+    def log():
+        try:
+            log_to_run("http://127.0.0.1:9", "0" * 32, {"m": 1.0}, {}, tmp_path, "final_eval")
+        except Exception as e:  # noqa: BLE001 - which error MLflow raises is its own business
+            failed.append(e)
+    assert finishes_within(30, log) and failed
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
