@@ -13,29 +13,33 @@ Pixels are stored as 1,024 red, then 1,024 green, then 1,024 blue bytes (row-maj
 
 The python versions are pickles written by Python 2's cPickle (protocol 2): their arrays refer
 to ``numpy.core.multiarray._reconstruct`` and their strings are Python 2 ``str`` records. They are
-read by ``safe_load``: every global the pickle names is checked against a short allow-list (the
-numpy array and dtype constructors under their old and new module names, and ``_codecs.encode``
-restricted to latin-1, which a protocol-2 pickle written by Python 3 uses for bytes) while the
-opcodes are scanned, before anything is unpickled, and again by the unpickler itself. Anything
-else is refused with ``UnsafePickleError`` naming the global; a pickle that would run code never
-runs it. Python 2 ``str`` records are decoded as latin-1, as numpy documents for its Python 2
-pickles; dictionary keys are compared as text whether they arrive as bytes or str.
+read by ``safe_load`` (cifar_pickle.py): a short allow-list of globals, checked from the opcodes
+before anything is unpickled and again by the unpickler, resolves to placeholders that check
+every array's and dtype's state before building the array themselves; numpy's own
+``__setstate__`` never runs on the file's state, and no code the pickle names ever runs. Python 2
+``str`` records are decoded as latin-1, as numpy documents for its Python 2 pickles; dictionary
+keys are compared as text whether they arrive as bytes or str.
+
+What a batch may hold: 'data' a uint8 (N, 3072) array and 'labels' (CIFAR-100: 'fine_labels')
+N plain integers, a list or a 1-d integer array, each a class of the dataset; N x 3,072 bytes no
+more than the file holds. Anything else is a DataError naming the file; so is running out of
+memory while reading.
 """
 
 from __future__ import annotations
 
-import codecs
 import functools
 import hashlib
-import io
-import pickle
-import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .cifar_pickle import ALLOWED, RestrictedUnpickler, UnsafePickleError, safe_load, scan_globals
 from .errors import DataError
+
+__all__ = ["FORMATS", "FILES", "CifarSplit", "find", "read_split", "safe_load", "scan_globals",
+           "RestrictedUnpickler", "UnsafePickleError", "ALLOWED"]
 
 FORMATS = ("cifar10-py", "cifar10-bin", "cifar100-py", "cifar100-bin")
 # The folder names of the four distributions (what their archives unpack to).
@@ -54,10 +58,6 @@ LABEL_BYTES = {"cifar10-bin": 1, "cifar100-bin": 2}   # the fine label is the la
 CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
-class UnsafePickleError(DataError):
-    """A pickle names a global outside the allow-list: refused before anything is built."""
-
-
 @dataclass(frozen=True)
 class CifarSplit:
     images: np.ndarray          # (N, 3, 32, 32) uint8, read-only
@@ -67,113 +67,6 @@ class CifarSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-# ------------------------------------------------------------------ the restricted unpickler
-
-def _numpy_core(module: str):
-    core = getattr(np, "_core", None) or np.core     # numpy 2 renamed numpy.core to numpy._core
-    return getattr(core, module)
-
-
-def _latin1_encode(text, encoding="utf-8", errors="strict"):
-    """``_codecs.encode`` as protocol-2 pickles use it for bytes, and for nothing else."""
-    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1":
-        raise UnsafePickleError(f"_codecs.encode called with {encoding!r}; only latin-1 text "
-                                "(a protocol-2 pickle's bytes) is accepted")
-    return codecs.encode(text, "latin-1", errors)
-
-
-def _plain_dtype(*args):
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise UnsafePickleError(f"numpy dtype {dtype} holds Python objects; refused")
-    return dtype
-
-
-# (module, name) -> the object it stands for. Old and new numpy module names both map to today's.
-ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_core("multiarray")._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_core("multiarray")._reconstruct,
-    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_core("numeric")._frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_core("numeric")._frombuffer,
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: _plain_dtype,
-    ("_codecs", "encode"): lambda: _latin1_encode,
-}
-# Opcodes that build objects without naming a global the allow-list could check.
-REFUSED_OPCODES = {"INST", "OBJ", "PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"}
-STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
-                  "BINSTRING", "STRING"}
-
-
-def _check_global(module: str, name: str, source) -> None:
-    if (module, name) not in ALLOWED:
-        raise UnsafePickleError(f"{source}: the pickle names {module}.{name}, which a CIFAR file "
-                                "never does; refused without unpickling anything (allowed: "
-                                f"{', '.join(sorted(f'{m}.{n}' for m, n in ALLOWED))})")
-
-
-def scan_globals(data: bytes, source) -> None:
-    """Check every global a pickle names, from its opcodes alone (nothing is built).
-
-    STACK_GLOBAL (protocol 4+) takes its two names from the stack: the strings are tracked
-    through the memo, and a name that cannot be known from the opcodes is refused.
-    """
-    pushed: list[str | None] = []
-    memo: dict[int, str | None] = {}
-    try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if op.name in REFUSED_OPCODES:
-                raise UnsafePickleError(f"{source}: the pickle uses opcode {op.name}, which "
-                                        "builds objects outside the allow-list; refused")
-            if op.name == "GLOBAL":
-                _check_global(*arg.split(" ", 1), source)
-            elif op.name == "STACK_GLOBAL":
-                module, name = pushed[-2:] if len(pushed) >= 2 else (None, None)
-                if module is None or name is None:
-                    raise UnsafePickleError(f"{source}: the pickle names a global through a "
-                                            "computed value; refused")
-                _check_global(module, name, source)
-            if op.name == "MEMOIZE":
-                memo[len(memo)] = pushed[-1] if pushed else None
-            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = pushed[-1] if pushed else None
-            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                pushed.append(memo.get(arg))
-            elif op.name in STRING_OPCODES:
-                pushed.append(arg if isinstance(arg, str) else None)
-            elif op.name not in ("FRAME", "PROTO"):
-                pushed.append(None)
-    except (ValueError, EOFError) as e:   # genops' word for a damaged or truncated pickle
-        raise DataError(f"{source}: not a readable pickle ({e})") from None
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the allow-listed globals, to today's objects; refuses every other one."""
-
-    def __init__(self, file, source):
-        super().__init__(file, encoding="latin1")
-        self.source = source
-
-    def find_class(self, module, name):
-        _check_global(module, name, self.source)
-        return ALLOWED[(module, name)]()
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError(f"{self.source}: the pickle asks for a persistent object; refused")
-
-
-def safe_load(path: Path):
-    """Unpickle a CIFAR file through the allow-list (see the module docstring)."""
-    data = Path(path).read_bytes()
-    scan_globals(data, path)
-    try:
-        return RestrictedUnpickler(io.BytesIO(data), path).load()
-    except UnsafePickleError:
-        raise
-    except Exception as e:   # a damaged file: pickle raises many types
-        raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
 
 
 # ------------------------------------------------------------------ formats and readers
@@ -224,7 +117,9 @@ def class_names(folder: Path, fmt: str) -> tuple[str, ...]:
         names = record.get("label_names", record.get("fine_label_names"))
         if not isinstance(names, list):
             raise DataError(f"{meta}: no label_names / fine_label_names list")
-        names = [n.decode("latin-1") if isinstance(n, bytes) else str(n) for n in names]
+        if not all(isinstance(n, (str, bytes)) for n in names):
+            raise DataError(f"{meta}: the label names must be strings")
+        names = [n.decode("latin-1") if isinstance(n, bytes) else n for n in names]
     if len(names) != count or len(set(names)) != count:
         raise DataError(f"{meta}: expected {count} distinct label names, found {len(names)}")
     return tuple(names)
@@ -239,9 +134,34 @@ def read_pickle_batch(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, {PIXELS}), found "
                         f"{getattr(data, 'dtype', type(data).__name__)} "
                         f"{getattr(data, 'shape', '')}")
-    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
-        raise DataError(f"{path}: {key!r} must list one label per image ({len(data)})")
-    return data, np.asarray(labels, dtype=np.int64)
+    if data.nbytes > path.stat().st_size:    # the unpickler already ensures it: said here too
+        raise DataError(f"{path}: 'data' claims {len(data):,} images, more than the file holds")
+    return data, label_array(labels, len(data), CLASSES[fmt.split("-")[0]], f"{path}: {key!r}")
+
+
+def label_array(labels, count: int, classes: int, where: str) -> np.ndarray:
+    """`labels` (a list of ints, or a 1-d integer array) as int64, one per image, each a class."""
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataError(f"{where} must be a 1-d integer array, found {labels.dtype} "
+                            f"{labels.shape}")
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        values = labels.tolist() if bad.size else None
+    elif isinstance(labels, list):
+        wrong = next((i for i, v in enumerate(labels) if type(v) is not int), None)
+        if wrong is not None:
+            raise DataError(f"{where} must list integers, found a {type(labels[wrong]).__name__} "
+                            f"at position {wrong}")
+        values = labels
+        bad = [i for i, v in enumerate(labels) if not 0 <= v < classes]
+    else:
+        raise DataError(f"{where} must be a list of integers, found a {type(labels).__name__}")
+    if len(labels) != count:
+        raise DataError(f"{where} must list one label per image ({count}), found {len(labels)}")
+    if len(bad):
+        raise DataError(f"{where}: label {values[bad[0]]} at position {bad[0]} is outside "
+                        f"0..{classes - 1}")
+    return np.array(labels, dtype=np.int64)
 
 
 def read_binary_batch(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +177,15 @@ def read_binary_batch(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=4)
 def _read(folder: str, fmt: str, split: str, stamp: tuple) -> CifarSplit:
-    folder = Path(folder)
+    try:
+        return _read_split(Path(folder), fmt, split)
+    except MemoryError:
+        size = sum(s for _, s, _ in stamp)
+        raise DataError(f"{folder} ({split}): out of memory reading the split's {size:,} bytes "
+                        "of files") from None
+
+
+def _read_split(folder: Path, fmt: str, split: str) -> CifarSplit:
     reader = read_binary_batch if fmt.endswith("-bin") else read_pickle_batch
     parts = [reader(folder / name, fmt) for name in FILES[fmt][split]]
     images = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)

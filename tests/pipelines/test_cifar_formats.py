@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines import DataError, cifar
-from pipelines.cifar import UnsafePickleError, find, read_split, safe_load
+from pipelines.cifar import PIXELS, UnsafePickleError, find, read_split, safe_load
 from pipelines.cifar_write import as_py2, py2_pickle, write_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,6 +62,36 @@ def test_the_python_2_shaped_file_is_what_cpickle_wrote_readable_by_stdlib_pickl
     assert np.array_equal(safe_load(path)["data"], images.reshape(3, -1))
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_python_3s_own_pickles_of_a_batch_read_exactly_as_pickle_reads_them(tmp_path, protocol):
+    """What `pickle.load` gives (numpy's own unpickling) is what the restricted reader gives:
+    the same values, dtype, shape, order and writability; integer label arrays too."""
+    images, labels = arrays(4, 10)
+    rec = {"data": images.reshape(4, -1), "labels": labels.tolist(), "batch_label": "b 1",
+           "ints": labels.astype(np.int32), "u8": labels.astype(np.uint64)}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(rec, protocol=protocol))
+    want, got = pickle.loads(path.read_bytes()), safe_load(path)
+    assert want.keys() == got.keys() and want["labels"] == got["labels"]
+    for key in ("data", "ints", "u8"):
+        w, g = want[key], got[key]
+        assert (g.dtype, g.shape, g.flags.c_contiguous, g.flags.writeable) == \
+            (w.dtype, w.shape, w.flags.c_contiguous, w.flags.writeable)
+        assert np.array_equal(g, w)
+    data, read_labels = cifar.read_pickle_batch(path, "cifar10-py")
+    assert np.array_equal(data, images.reshape(4, -1)) and read_labels.dtype == np.int64
+    assert np.array_equal(read_labels, labels)
+
+
+@pytest.mark.parametrize("style", ["py2", 4, 5])   # protocol 2 pickles b"" as __builtin__.bytes()
+def test_an_empty_batch_reads_as_empty_arrays(tmp_path, style):
+    rec = {"data": np.zeros((0, PIXELS), np.uint8), "labels": []}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(py2_pickle(as_py2(rec)) if style == "py2" else pickle.dumps(rec, protocol=style))
+    data, labels = cifar.read_pickle_batch(path, "cifar10-py")
+    assert data.shape == (0, PIXELS) and data.dtype == np.uint8 and labels.shape == (0,)
+
+
 def test_a_protocol_2_pickle_from_python_3_using_codecs_encode_is_accepted(tmp_path):
     images, _ = arrays(2, 10)
     blob = pickle.dumps({"data": images.reshape(2, -1), "labels": [1, 2]}, protocol=2)
@@ -79,13 +109,32 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+def each_line_refuses(blob, path, match, lines=("scan", "unpickler")):
+    """Each named line of defence refuses `blob` on its own (so that removing either check fails
+    a test), and safe_load, which runs both, refuses it too. A line not named must let it by."""
+    scan = lambda: cifar.scan_globals(blob, path)                          # noqa: E731
+    unpickle = lambda: cifar.RestrictedUnpickler(io.BytesIO(blob), path).load()   # noqa: E731
+    for line, run in (("scan", scan), ("unpickler", unpickle)):
+        if line in lines:
+            with pytest.raises(UnsafePickleError, match=match):
+                run()
+        elif line == "scan":
+            run()
+    path.write_bytes(blob)
+    with pytest.raises(UnsafePickleError, match=match):
+        safe_load(path)
+
+
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_a_pickle_that_would_run_code_is_refused_before_anything_runs(tmp_path, protocol):
     marker = tmp_path / "pwned"
     path = tmp_path / "data_batch_1"
-    path.write_bytes(pickle.dumps({"data": RunsCode(marker)}, protocol=protocol))
-    with pytest.raises(UnsafePickleError, match=r"(posix|os|nt)\.system"):
-        safe_load(path)
+    blob = pickle.dumps({"data": RunsCode(marker)}, protocol=protocol)
+    # GLOBAL at protocols 0 and 2, STACK_GLOBAL at 4 and 5: the opcode scan and the unpickler's
+    # find_class each refuse it without the other.
+    assert {op.name for op, _, _ in pickletools.genops(blob)} & {"GLOBAL", "STACK_GLOBAL"} == \
+        {"GLOBAL" if protocol < 4 else "STACK_GLOBAL"}
+    each_line_refuses(blob, path, r"(posix|os|nt)\.system")
     assert not marker.exists()
     pickle.loads(path.read_bytes())      # the control: an ordinary unpickler does run it
     assert marker.exists()
@@ -110,27 +159,33 @@ def test_the_trainer_refuses_a_hostile_cifar_folder_with_exit_2_running_nothing(
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("evil", [
-    (b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x06\x00\x00\x00base64\x86R.", "_codecs"),
-    (b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1\x85R.", "builtins.eval"),
-    (b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00O8\x85R.", "Python objects"),
-    (b"(S'true'\nios\nsystem\n.", "INST"),            # protocol 0's INST builds from a name
-])
-def test_allowed_names_put_to_other_uses_are_refused(tmp_path, evil):
-    blob, named = evil
-    path = tmp_path / "f"
-    path.write_bytes(blob)
-    with pytest.raises(UnsafePickleError, match=named):
-        safe_load(path)
+@pytest.mark.parametrize("blob,named,lines", [
+    # allowed names, refused by the unpickler's checks of their arguments (the scan lets them by)
+    (b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x06\x00\x00\x00base64\x86R.", "_codecs",
+     ("unpickler",)),
+    (b"\x80\x02c_codecs\nencode\nC\x01xX\x06\x00\x00\x00latin1\x86R.", "_codecs.encode",
+     ("unpickler",)),
+    (b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00O8\x85R.", "Python objects", ("unpickler",)),
+    # names outside the allow-list, and opcodes that build or fetch objects without one
+    (b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1\x85R.", "builtins.eval", ("scan", "unpickler")),
+    (b"(S'true'\nios\nsystem\n.", "INST|os.system", ("scan", "unpickler")),   # protocol 0's INST
+    (b"Pfoo\n.", "PERSID|persistent", ("scan", "unpickler")),
+], ids=["codecs-base64", "codecs-of-bytes", "dtype-object", "eval", "inst", "persid"])
+def test_allowed_names_put_to_other_uses_are_refused(tmp_path, blob, named, lines):
+    each_line_refuses(blob, tmp_path / "f", named, lines)
 
 
 def test_a_computed_global_name_cannot_slip_past_the_scan():
-    # STACK_GLOBAL whose module name comes from a string built at load time (a REDUCE result).
-    blob = (b"\x80\x04" + b"\x8c\x03str\x94"          # push "str", memoize
-            + b"\x8c\x08builtins\x94\x8c\x03str\x94\x93\x94"   # builtins.str (refused anyway)
-            + b".")
-    with pytest.raises(UnsafePickleError):
+    # STACK_GLOBAL whose module name is a REDUCE result (_codecs.encode("os", "latin1"), memoized
+    # and fetched back): the scan cannot know it from the opcodes, and says so.
+    blob = (b"\x80\x04" + b"\x8c\x07_codecs\x94\x8c\x06encode\x94\x93"
+            + b"\x8c\x02os\x8c\x06latin1\x86R\x94"
+            + b"h\x02\x8c\x06system\x93.")
+    with pytest.raises(UnsafePickleError, match="computed value"):
         cifar.scan_globals(blob, "x")
+    # ... whereas two strings the scan can read are checked by name, through the memo too
+    with pytest.raises(UnsafePickleError, match=r"names os\.system"):
+        cifar.scan_globals(b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94h\x00h\x01\x93.", "x")
 
 
 def test_damaged_files_are_named_errors_not_tracebacks(tmp_path):
