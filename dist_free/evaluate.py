@@ -26,9 +26,10 @@ a terminal, a log line every 30 s elsewhere.
 Every run writes a JSON report (schema: dist_free.evaluation.report.build_report) beside the checkpoint
 or under --out, named eval_<attacks>_eps<eps x 255>_<dtype>_<all|subsetN>.json; an eps sweep
 also writes a Markdown table and a plot with the same name. The results are checked for
-gradient masking by dist_free.evaluation.masking (Square breaking what gradients could not, accuracy not
-falling with eps, a better optimiser of the same loss still helping); AutoAttack's margin-loss
-attacks beating the cross-entropy ones is reported as what it is, not flagged. If the
+gradient masking by dist_free.evaluation.masking (Square breaking what gradients could not, the
+margin-loss attacks far below cross-entropy, accuracy rising with eps or above chance at eps 0.5,
+a better optimiser of the same loss still helping); AutoAttack's margin-loss attacks a few points
+below the cross-entropy ones is reported as what it is, not flagged. If the
 checkpoint names an MLflow run and its config tracks, the numbers go to that run as final/*
 metrics, the protocol as final.* tags and the report as an artifact.
 """

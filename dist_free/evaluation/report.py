@@ -39,9 +39,10 @@ def build_report(protocol: EvalProtocol, checkpoint_path: Path, state: dict, res
     checkpoint {path, sha256, epoch, global_step}, split "val", images, subset (null or {n,
     selection, files_sha256}), dtype, world_size, seconds, clean {top1, top5}, results (one per
     attack per eps; see result_rows), gradient_masking (null or dist_free.evaluation.masking.assess's
-    verdict: flagged, signs, checks, not_checked, threshold, ce_vs_margin,
-    pgd_minus_autoattack). batch_size and seed are recorded too: AutoAttack's per-image
-    results depend on the batch an image is attacked in (see dist_free.evaluation.autoattack).
+    verdict, given the checkpoint's number of classes: flagged, signs, checks, not_checked,
+    threshold, ce_vs_margin, pgd_minus_autoattack). batch_size and seed are recorded too:
+    AutoAttack's per-image results depend on the batch an image is attacked in (see
+    dist_free.evaluation.autoattack).
     """
     listing = getattr(loader, "listing", None)
     subset = None if protocol.subset is None else {
@@ -57,8 +58,14 @@ def build_report(protocol: EvalProtocol, checkpoint_path: Path, state: dict, res
         "batch_size": getattr(loader, "batch_size", None), "seed": 0,
         "clean": {"top1": result["top1"], "top5": result["top5"]},
         "results": results,
-        "gradient_masking": masking.assess(results, gap=protocol.masking_gap),
+        "gradient_masking": masking.assess(results, gap=protocol.masking_gap,
+                                           num_classes=num_classes(state)),
     }
+
+
+def num_classes(state: dict) -> int | None:
+    """The checkpoint's number of classes (chance level for the masking verdict), if recorded."""
+    return (state.get("config") or {}).get("model", {}).get("num_classes")
 
 
 def result_rows(protocol: EvalProtocol, result: dict) -> list[dict]:

@@ -145,17 +145,43 @@ def test_ema_warms_up_then_averages_with_its_decay_per_optimizer_step():
 def test_ema_state_dict_round_trips_with_its_buffers():
     model = tiny_net()
     ema = ModelEMA(model, decay=0.999)
+    start = {k: v.clone() for k, v in ema.module.named_buffers()}
     (x, y), = minibatches([16])
     model.train()(x)                   # BatchNorm statistics move
-    ema.update(model)
+    ema.update(model)                  # first update: decay min(0.999, 1/10) = 0.1
     live = dict(model.named_buffers())
     for name, buf in ema.module.named_buffers():
-        assert torch.equal(buf, live[name]), name
+        expected = live[name] if not buf.is_floating_point() else 0.1 * start[name] + 0.9 * live[name]
+        assert torch.allclose(buf, expected), name
     other = ModelEMA(tiny_net(), decay=0.999)
     other.load_state_dict(ema.state_dict())
     assert other.updates == 1
     for a, b in zip(other.module.state_dict().values(), ema.module.state_dict().values()):
         assert torch.equal(a, b)
+    model.train()(x * 0.5)             # the resumed average goes on exactly as the first one
+    ema.update(model)
+    other.update(model)
+    for a, b in zip(other.module.state_dict().values(), ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ema_keeps_its_own_batchnorm_statistics_the_ema_of_the_live_ones():
+    """Evaluating the averaged weights with the live model's running statistics is wrong for a
+    BatchNorm net: the EMA's running_mean/var are averaged as its weights are (timm's ModelEmaV3)."""
+    model = tiny_net()
+    ema = ModelEMA(model, decay=0.9)
+    bn, ema_bn = model.net[1], ema.module.net[1]
+    mean, var = ema_bn.running_mean.clone(), ema_bn.running_var.clone()
+    for (x, _) in minibatches([16, 16, 16, 16]):
+        model.train()(x * 3 + 1)       # statistics far from the initial 0 / 1
+        d = ema.step_decay(1)
+        ema.update(model)
+        mean += (1 - d) * (bn.running_mean - mean)
+        var += (1 - d) * (bn.running_var - var)
+    assert torch.allclose(ema_bn.running_mean, mean, atol=1e-6)
+    assert torch.allclose(ema_bn.running_var, var, atol=1e-6)
+    assert not torch.allclose(ema_bn.running_mean, bn.running_mean, atol=1e-3)
+    assert ema_bn.num_batches_tracked == bn.num_batches_tracked == 4
 
 
 def test_split_decay_matches_timm_token_names_as_suffixes():

@@ -56,6 +56,16 @@ def test_the_reports_step_size_dtype_subset_and_attacks_follow_the_protocol(ckpt
     assert report["subset"]["n"] == 20 and report["subset"]["files_sha256"] is None
 
 
+def test_the_masking_verdict_knows_the_checkpoints_chance_level(ckpt):
+    """At eps 0.5 no model beats chance; the report gives the verdict the checkpoint's classes."""
+    sweep = protocol(attacks=("pgd",), eps_values=(0.0, 0.5))
+    state = {"epoch": 1, "config": {"model": {"num_classes": 10}}}
+    report = build_report(sweep, ckpt, state, result(0.5), SimpleNamespace(), world_size=1,
+                          seconds=0.1)
+    verdict = report["gradient_masking"]
+    assert verdict["flagged"] and "above chance (10 classes)" in verdict["signs"][0]
+
+
 def test_the_command_builds_the_protocol_its_flags_ask_for():
     run = SimpleNamespace(eval_eps=8 / 255)
     assert eval_protocol(parse_args(["--checkpoint", "best.pt"]), run) == protocol(
