@@ -3,6 +3,7 @@
     python -m dist_free.evaluate --checkpoint runs/free/checkpoints/best.pt [data.root=...]
     python -m dist_free.evaluate --checkpoint best.pt --attack pgd,autoattack --subset 1000
     python -m dist_free.evaluate --checkpoint best.pt --eps 0,2/255,4/255,8/255 --steps 10 --restarts 1
+    python -m dist_free.evaluate --checkpoint last.pt --protocol shafahi2019-cifar
     torchrun --nproc_per_node=4 -m dist_free.evaluate --checkpoint best.pt ...
 
 Protocol (the defaults are the final-report protocol, not the run's in-training settings):
@@ -11,6 +12,13 @@ Protocol (the defaults are the final-report protocol, not the run's in-training 
   --attack autoattack  AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square), through
                        Croce & Hein's pyautoattack (pip install 'dist-free[eval]'); always fp32.
   --amp off            fp32 (default); bf16/fp16 only when asked, for PGD and clean accuracy.
+  --protocol NAME      a paper's protocol by name (dist_free.evaluation.protocols): its PGD runs
+                       (steps, restarts, step size) at its eps, all in one call, one report row
+                       each, the name in the report. It fixes --attack, --eps, --steps,
+                       --restarts and --step-size: giving any of them with it is an error (exit 2).
+                       shafahi2019-cifar: PGD-20 x 10 restarts and PGD-100, step 2/255, eps 8/255.
+                       shafahi2019-imagenet: PGD-10 and PGD-50, step 1/255, one random start, at
+                       the checkpoint's eval eps.
   eps                  the run's eval eps unless --eps gives a list; eps 0 is clean accuracy.
   --subset N           the first N val images ranked by sha1 of their file name (ties: label):
                        no seed, world size or folder layout changes which images, so every
@@ -48,6 +56,7 @@ from dist_free import checkpoint, distributed
 from dist_free.config import ConfigError, config_from_dict, parse_fraction
 from dist_free.evaluation import autoattack, report
 from dist_free.evaluation.protocol import EvalProtocol
+from dist_free.evaluation.protocols import PROTOCOLS
 from dist_free.evaluation.robust_eval import ATTACKS, evaluate
 from dist_free.progress import Progress
 from dist_free.publish.load import eval_weights
@@ -56,6 +65,7 @@ from dist_free.trainer import runtime
 
 FINAL_PGD = (50, 10)   # steps, restarts: the final-report protocol
 AMP_CHOICES = ("off", "bf16", "fp16")
+PROTOCOL_FIXES = ("attack", "eps", "steps", "restarts", "step_size")   # what --protocol sets
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,17 +112,27 @@ def attack_list(text: str) -> tuple[str, ...]:
     return tuple(a for a in ATTACKS if a in names)
 
 
+def protocol_name(text: str) -> str:
+    if text not in PROTOCOLS:
+        raise argparse.ArgumentTypeError(f"unknown protocol {text!r}; expected one of "
+                                         f"{', '.join(PROTOCOLS)}")
+    return text
+
+
 def parse_args(argv):
     p = Parser(prog="python -m dist_free.evaluate",
                description="Evaluate a checkpoint: clean, PGD and AutoAttack accuracy.")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--attack", type=attack_list, default=("pgd",),
+    p.add_argument("--protocol", type=protocol_name,
+                   help=f"a paper's protocol by name: {', '.join(PROTOCOLS)} (fixes --attack, "
+                        "--eps, --steps, --restarts, --step-size)")
+    p.add_argument("--attack", type=attack_list,
                    help="pgd, autoattack or pgd,autoattack (default pgd)")
     p.add_argument("--eps", type=eps_list, help="comma-separated eps values, e.g. "
                    "0,2/255,4/255 (default: the run's eval eps)")
-    p.add_argument("--steps", type=number_type(int, 0), default=FINAL_PGD[0],
+    p.add_argument("--steps", type=number_type(int, 0),
                    help=f"PGD steps (default {FINAL_PGD[0]})")
-    p.add_argument("--restarts", type=number_type(int, 0), default=FINAL_PGD[1],
+    p.add_argument("--restarts", type=number_type(int, 0),
                    help=f"PGD random restarts (default {FINAL_PGD[1]})")
     p.add_argument("--step-size", type=number_type(float, 0),
                    help="PGD step size, e.g. 1/255 (default 2.5 eps / steps)")
@@ -128,6 +148,19 @@ def parse_args(argv):
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides on top of the checkpoint's, e.g. data.root=...")
     args = p.parse_args(argv)
+    given = [f"--{k.replace('_', '-')}" for k in PROTOCOL_FIXES if getattr(args, k) is not None]
+    if args.protocol and given:
+        p.error(f"argument --protocol: {args.protocol} fixes {', '.join(given)}; drop "
+                f"{'it' if len(given) == 1 else 'them'} or the protocol")
+    if args.protocol:
+        named = PROTOCOLS[args.protocol]
+        first = named.pgd[0]
+        args.attack, args.steps, args.restarts = ("pgd",), first.steps, first.restarts
+        args.step_size = first.step_size
+        args.eps = None if named.eps is None else [named.eps]
+    args.attack = args.attack or ("pgd",)
+    args.steps = args.steps or FINAL_PGD[0]
+    args.restarts = args.restarts or FINAL_PGD[1]
     if "autoattack" in args.attack and args.amp != "off":
         p.error(f"argument --amp: AutoAttack runs in fp32 only; drop --amp {args.amp} or "
                 "evaluate PGD separately")
@@ -146,10 +179,13 @@ def val_loader(cfg, d, class_to_idx, subset: int | None):
 
 
 def eval_protocol(args, cfg) -> EvalProtocol:
-    """The protocol the flags ask for; eps defaults to the run's eval eps."""
+    """The protocol the flags (or --protocol) ask for; eps defaults to the run's eval eps."""
+    more = () if not getattr(args, "protocol", None) else tuple(
+        (s.steps, s.restarts, s.step_size) for s in PROTOCOLS[args.protocol].pgd[1:])
     return EvalProtocol(attacks=args.attack, eps_values=tuple(args.eps or [cfg.eval_eps]),
                         steps=args.steps, restarts=args.restarts, step_size=args.step_size,
-                        amp=args.amp, subset=args.subset, masking_gap=args.masking_gap)
+                        amp=args.amp, subset=args.subset, masking_gap=args.masking_gap,
+                        name=getattr(args, "protocol", None), more_pgd=more)
 
 
 def load_run(args):
@@ -181,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(model, loader, eps_values=protocol.attacked_eps, steps=protocol.steps,
                           step_size=protocol.step_size, restarts=protocol.restarts,
                           amp_dtype=protocol.amp_dtype, attack_names=protocol.attacks,
-                          verbose=args.verbose, progress=progress)
+                          verbose=args.verbose, progress=progress, more_pgd=protocol.more_pgd)
         progress.close()
     except pipelines.DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,10 +21,17 @@ class EvalProtocol:
     amp: str                          # "off" (fp32), "bf16" or "fp16": PGD and clean accuracy
     subset: int | None                # the fixed first N val images (pipelines.SELECTION); None: all
     masking_gap: float                # masking.assess's threshold
+    name: str | None = None           # a named protocol (evaluation.protocols), or None: the flags'
+    more_pgd: tuple = ()              # further (steps, restarts, step_size) PGD runs after the first
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
         return precision.dtype_of(self.amp)
+
+    @property
+    def pgd_settings(self) -> tuple[tuple[int, int, float | None], ...]:
+        """Every PGD run asked for, (steps, restarts, step_size), the first from steps/restarts."""
+        return ((self.steps, self.restarts, self.step_size), *self.more_pgd)
 
     @property
     def attacked_eps(self) -> list[float]:

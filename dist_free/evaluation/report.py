@@ -40,7 +40,9 @@ def build_report(protocol: EvalProtocol, checkpoint_path: Path, state: dict, res
     selection, files_sha256}), dtype, world_size, seconds, clean {top1, top5}, results (one per
     attack per eps; see result_rows), gradient_masking (null or dist_free.evaluation.masking.assess's
     verdict, given the checkpoint's number of classes: flagged, signs, checks, not_checked,
-    threshold, ce_vs_margin, pgd_minus_autoattack). batch_size and seed are recorded too:
+    threshold, ce_vs_margin, pgd_minus_autoattack). A named protocol
+    (dist_free.evaluation.protocols) is recorded first as "protocol"; a report from flags alone
+    has no such key. batch_size and seed are recorded too:
     AutoAttack's per-image results depend on the batch an image is attacked in (see
     dist_free.evaluation.autoattack).
     """
@@ -49,7 +51,8 @@ def build_report(protocol: EvalProtocol, checkpoint_path: Path, state: dict, res
         "n": protocol.subset, "selection": pipelines.SELECTION,
         "files_sha256": pipelines.selection_sha256(listing) if listing is not None else None}
     results = result_rows(protocol, result)
-    return {
+    named = {} if protocol.name is None else {"protocol": protocol.name}
+    return {**named,
         "checkpoint": {"path": str(checkpoint_path), "sha256": checkpoint.sha256(checkpoint_path),
                        "epoch": state["epoch"], "global_step": state.get("global_step")},
         "split": "val", "images": result["samples"], "subset": subset,
@@ -71,12 +74,13 @@ def num_classes(state: dict) -> int | None:
 def result_rows(protocol: EvalProtocol, result: dict) -> list[dict]:
     """One row per attack per eps; at eps 0 every attack's robust accuracy is the clean one."""
     top1, rows = result["top1"], []
+    runs = [result["pgd"], *result.get("pgd_more", [])]
     for eps in protocol.eps_values:
         if "pgd" in protocol.attacks:
-            rows.append({"attack": "pgd", "eps": eps, "steps": protocol.steps,
-                         "restarts": protocol.restarts,
-                         "step_size": protocol.step_size or default_step_size(eps, protocol.steps),
-                         "loss": "ce", "robust_top1": result["pgd"].get(eps, top1)})
+            for (steps, restarts, step_size), run in zip(protocol.pgd_settings, runs):
+                rows.append({"attack": "pgd", "eps": eps, "steps": steps, "restarts": restarts,
+                             "step_size": step_size or default_step_size(eps, steps),
+                             "loss": "ce", "robust_top1": run.get(eps, top1)})
         if "autoattack" in protocol.attacks:
             aa = result["autoattack"].get(eps) or {
                 "robust_top1": top1, "robust_after": dict.fromkeys(autoattack.STANDARD, top1)}
@@ -131,6 +135,8 @@ def images_text(report: dict) -> str:
 
 def print_report(report: dict) -> None:
     clean = report["clean"]
+    if report.get("protocol"):
+        print(f"protocol {report['protocol']}")
     print(f"{images_text(report)}, {report['world_size']} rank(s), {report['dtype']}: clean "
           f"top-1 {pct(clean['top1'])}, top-5 {pct(clean['top5'])}")
     for r in report["results"]:
@@ -207,4 +213,6 @@ def mlflow_records(report: dict) -> tuple[dict[str, float], dict[str, str]]:
             else "none (all val images)",
             "final.checkpoint": f"{report['checkpoint']['path']} sha256 "
                                 f"{report['checkpoint']['sha256']}"}
+    if report.get("protocol"):
+        tags["final.protocol"] = report["protocol"]
     return metrics, tags

@@ -184,9 +184,10 @@ def selection_text(ev: dict) -> str:
 def report_eval(report: dict, path: Path | None) -> dict:
     keep = ("split", "images", "subset", "dtype", "world_size", "seconds", "clean", "results",
             "gradient_masking")
+    named = {"protocol": report["protocol"]} if report.get("protocol") else {}
     return {"source": "report", "final": True, "report": str(path) if path else None,
             "checkpoint_sha256": report["checkpoint"]["sha256"],
-            **{k: report.get(k) for k in keep}}
+            **named, **{k: report.get(k) for k in keep}}
 
 
 def threat_model(cfg: Config) -> dict:

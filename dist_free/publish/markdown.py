@@ -56,7 +56,8 @@ def evaluation_md(ev: dict) -> list[str]:
                  "For final numbers run `python -m dist_free.evaluate` and export with "
                  "`--report`.")
     else:
-        where = (f"From `{ev['report'] or 'a report'}` (python -m dist_free.evaluate): "
+        named = f", protocol `{ev['protocol']}`" if ev.get("protocol") else ""
+        where = (f"From `{ev['report'] or 'a report'}` (python -m dist_free.evaluate{named}): "
                  f"{ev['images']} {ev['split']} images ({subset_text(ev['subset'])}), "
                  f"{ev['dtype']}, {ev['world_size']} rank(s), checkpoint sha256 "
                  f"`{ev['checkpoint_sha256']}`.")

@@ -2,11 +2,12 @@
 
 RobustBench describes each leaderboard entry in a small JSON file (model_info/<dataset>/<threat
 model>/<Name>.json: link, name, authors, additional_data, number_forward_passes, dataset, venue,
-architecture, eps, clean_acc, reported, autoattack_acc, with accuracies as percent strings). This
-writes the same fields from the model card, leaves null what only the authors can say (link,
-name, authors, venue, dataset, whether the training data went beyond it), and adds what a reader
-needs to trust the figures: how many images, which subset, the preprocessing, and where the
-numbers came from. Accuracies come only from a standalone evaluation (`python -m
+architecture, eps, clean_acc, reported, footnote, autoattack_acc, unreliable, with accuracies
+as percent strings like "86.11"). This writes exactly those keys from the model card: dataset
+from the data's class count and image size, additional_data false (the trainer reads one
+dataset), null what only the authors can say (link, name, authors, venue), the figures' basis
+(images, subset, protocol, weights) in footnote, and unreliable when the report flagged gradient
+masking; the rest stays in the card. Accuracies come only from a standalone evaluation (`python -m
 dist_free.evaluate`, exported with --report); an in-training PGD figure is never written as
 clean_acc or autoattack_acc.
 """
@@ -39,28 +40,42 @@ def autoattack_result(ev: dict) -> dict | None:
     return rows[0] if rows else None
 
 
+def dataset(card: dict) -> str | None:
+    """RobustBench's dataset name, from the data the model was trained on: its class count and
+    image size (CIFAR-10/100 at 32 px, ImageNet-1k); None for anything else."""
+    n, size = card.get("num_classes"), (card.get("input") or {}).get("image_size")
+    return {(10, 32): "cifar10", (100, 32): "cifar100"}.get((n, size)) or \
+        ("imagenet" if n == 1000 else None)
+
+
+def footnote(ev: dict, weights: str) -> str | None:
+    """What the figures rest on, in RobustBench's one free-text field."""
+    if ev.get("source") != "report":
+        return ("No standalone evaluation was exported with this model: run python -m "
+                "dist_free.evaluate --attack autoattack and export with --report.")
+    s = ev.get("subset")
+    images = f"{ev.get('images')} val images" + (f" (fixed subset, sha256 {s.get('files_sha256')})"
+                                                 if s else "")
+    named = f", protocol {ev['protocol']}" if ev.get("protocol") else ""
+    return f"python -m dist_free.evaluate on {images}{named}; {weights} weights."
+
+
 def robustbench_info(card: dict) -> dict:
+    """Exactly RobustBench's model_info/<dataset>/Linf/<Name>.json keys, in their order."""
     ev, threat = card["evaluation"], card["threat_model"]
     final = ev.get("source") == "report"
     aa = autoattack_result(ev) if final else None
     clean = (ev.get("clean") or {}).get("top1") if final else None
+    gm = ev.get("gradient_masking") if final else None
     return {
-        "link": None, "name": None, "authors": None, "venue": None, "dataset": None,
-        "additional_data": None, "number_forward_passes": 1,
+        "link": None, "name": None, "authors": None,
+        "additional_data": False, "number_forward_passes": 1,
+        "dataset": dataset(card), "venue": None,
         "architecture": card["architecture"],
         "eps": eps_fraction(aa["eps"] if aa else threat["eval_eps"]),
         "clean_acc": percent(clean),
         "reported": percent(aa["robust_top1"]) if aa else None,
+        "footnote": footnote(ev, card["weights"].get("source", "model")),
         "autoattack_acc": percent(aa["robust_top1"]) if aa else None,
-        # Beyond RobustBench's fields: what the figures rest on.
-        "threat_model": "Linf",
-        "n_images": ev.get("images") if final else None,
-        "subset": ev.get("subset") if final else None,
-        "preprocessing": card["input"]["preprocessing"],
-        "normalization": "inside the model (inputs are [0, 1] pixels)",
-        "source": ("python -m dist_free.evaluate report" if final else
-                   "none: no standalone evaluation was exported with this model; run python -m "
-                   "dist_free.evaluate --attack autoattack and export with --report"),
-        "autoattack_version": aa.get("version") if aa else None,
-        "weights": card["weights"].get("source", "model"),
+        "unreliable": bool(isinstance(gm, dict) and gm.get("flagged")),
     }

@@ -194,7 +194,8 @@ def test_model_info_carries_a_reports_autoattack_figures(tmp_path):
     export_checkpoint(ckpt, tmp_path / "out", report=report)
     info = json.loads((tmp_path / "out" / "model_info.json").read_text())
     assert (info["clean_acc"], info["autoattack_acc"], info["reported"]) == ("72.34", "41.78", "41.78")
-    assert info["n_images"] == 500 and info["eps"] == "4/255" and info["weights"] == "ema"
+    assert info["eps"] == "4/255" and info["dataset"] is None and not info["unreliable"]
+    assert "500 val images" in info["footnote"] and "ema weights" in info["footnote"]
 
 
 class StopAtFirstWrite(Hooks):

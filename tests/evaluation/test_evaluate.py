@@ -97,7 +97,10 @@ def test_the_final_protocol_is_the_default():
     (["--step-size", "0"], "--step-size"), (["--attack", "fgsm"], "--attack"),
     (["--amp", "int8"], "--amp"), (["--eps", "1/0"], "--eps"),
     (["--attack", "pgd,autoattack", "--amp", "bf16"], "--amp"),
-    (["--masking-gap", "2"], "--masking-gap")])
+    (["--masking-gap", "2"], "--masking-gap"), (["--protocol", "madry2018"], "--protocol"),
+    (["--protocol", "shafahi2019-cifar", "--steps", "7"], "--protocol"),
+    (["--protocol", "shafahi2019-imagenet", "--eps", "4/255"], "--protocol"),
+    (["--protocol", "shafahi2019-cifar", "--attack", "autoattack"], "--protocol")])
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(flags, named, capsys):
     with pytest.raises(SystemExit) as raised:
         main(["--checkpoint", "nowhere.pt", *flags])
@@ -202,3 +205,48 @@ def test_evaluation_uses_rank_0s_batchnorm_statistics_on_every_rank(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))
     assert all(bool((b == 1).all()) for b in r1)
+
+
+def attacks_run(monkeypatch, argv, capsys):
+    """The PGD runs (eps x 255, steps, restarts, step x 255) one `evaluate` call makes."""
+    from dist_free.engine import attacks
+    calls, real = set(), attacks.robust_correct
+
+    def spy(model, images, labels, **kw):
+        calls.add((round(kw["eps"] * 255, 6), kw["steps"], kw["restarts"],
+                   round(kw["step_size"] * 255, 6)))
+        return real(model, images, labels, **kw)
+
+    monkeypatch.setattr(attacks, "robust_correct", spy)
+    assert main(argv) == 0
+    return calls, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, override, runs", [
+    ("shafahi2019-cifar", [], {(8, 20, 10, 2), (8, 100, 1, 2)}),
+    ("shafahi2019-imagenet", ["method.eps=4/255"], {(4, 10, 1, 1), (4, 50, 1, 1)}),
+    ("shafahi2019-imagenet", ["method.eps=2/255"], {(2, 10, 1, 1), (2, 50, 1, 1)})])
+def test_a_named_protocol_runs_exactly_its_attacks_and_is_named(ckpt, tmp_path, monkeypatch,
+                                                                capsys, name, override, runs):
+    from dist_free.publish.card import report_eval
+    from dist_free.publish.markdown import evaluation_md
+    calls, out = attacks_run(monkeypatch, ["--checkpoint", str(ckpt), "--protocol", name,
+                                           "--subset", "4", "--out", str(tmp_path), *override],
+                             capsys)
+    assert calls == runs
+    (path,) = tmp_path.glob("eval_*.json")
+    report = json.loads(path.read_text())
+    assert report["protocol"] == name and f"protocol {name}" in out
+    rows = {(round(r["eps"] * 255, 6), r["steps"], r["restarts"], round(r["step_size"] * 255, 6))
+            for r in report["results"]}
+    assert rows == runs and {r["attack"] for r in report["results"]} == {"pgd"}
+    assert len(report["results"]) == 2
+    card_ev = report_eval(report, path)
+    assert card_ev["protocol"] == name and name in "\n".join(evaluation_md(card_ev))
+
+
+def test_without_a_protocol_the_report_has_no_protocol_key(ckpt, tmp_path):
+    from dist_free.publish.card import report_eval
+    report, path = evaluate([sys.executable], ckpt, tmp_path, "--subset", "4")
+    assert "protocol" not in report and "protocol" not in report_eval(report, path)
+    assert len(report["results"]) == 1

@@ -89,3 +89,10 @@ def test_timm_presets_follow_the_ares_schedule_trained_free(preset, world_size):
 def test_timm_presets_name_architectures_timm_builds(preset):
     """On the meta device: no memory, no download; an unknown name or argument would fail."""
     runtime.check_model(load_config(preset))
+
+
+@pytest.mark.parametrize("preset", FREE, ids=lambda p: p.stem)
+def test_the_paper_presets_pgd_runs_at_the_authors_step(preset):
+    """mahyarnajibi/FreeAdversarialTraining configs.yml: validation PGD step 1/255 at eps 2 and 4."""
+    e = load_config(preset).eval
+    assert (e.steps, e.restarts, e.step_size) == (10, 1, pytest.approx(1 / 255))
