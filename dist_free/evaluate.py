@@ -60,7 +60,7 @@ from dist_free.evaluation.protocols import PROTOCOLS
 from dist_free.evaluation.robust_eval import ATTACKS, evaluate
 from dist_free.progress import Progress
 from dist_free.publish.load import eval_weights
-from dist_free.tracking import log_to_run, resolve_uri
+from dist_free.tracking import TrackingConfigError, check_uri, log_to_run, redact, resolve_uri, shown_uri
 from dist_free.trainer import runtime
 
 FINAL_PGD = (50, 10)   # steps, restarts: the final-report protocol
@@ -189,9 +189,12 @@ def eval_protocol(args, cfg) -> EvalProtocol:
 
 
 def load_run(args):
-    """(checkpoint state, config); raises CheckpointError/ConfigError/AutoAttackUnavailable."""
+    """(checkpoint state, config); raises CheckpointError/ConfigError/AutoAttackUnavailable, or
+    TrackingConfigError for a tracking URI with credentials in it."""
     state = checkpoint.load(args.checkpoint)
     cfg = checkpoint_config(state, args.overrides)
+    if cfg.tracking.enabled:     # a password must not reach the output, nor MLflow's errors
+        check_uri(resolve_uri(cfg.tracking.uri))
     if "autoattack" in args.attack:
         autoattack.require()     # before any data is read: fail in a second, not an hour
     return state, cfg
@@ -203,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         state, cfg = load_run(args)
     except (checkpoint.CheckpointError, ConfigError, autoattack.AutoAttackUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrackingConfigError as e:
+        print(f"error: tracking.uri: {e}", file=sys.stderr)
         return 2
     protocol = eval_protocol(args, cfg)
     d = distributed.init(cfg.run.device)
@@ -261,11 +267,11 @@ def log_to_mlflow(rep: dict, path: Path, state: dict, cfg) -> None:
     try:
         metrics, tags = report.mlflow_records(rep)
         log_to_run(uri, run_id, metrics, tags, path, "final_eval")
-        print(f"logged to MLflow run {run_id} at {uri}")
+        print(f"logged to MLflow run {run_id} at {shown_uri(uri)}")
     except Exception as e:  # any tracking trouble: the report on disk is what matters
-        print(f"warning: could not log to MLflow run {run_id} at {uri} "
-              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              f"the report is at {path}", file=sys.stderr)
+        detail = redact((str(e).splitlines() or [""])[0], uri)    # MLflow's errors quote the URI
+        print(f"warning: could not log to MLflow run {run_id} at {shown_uri(uri)} "
+              f"({type(e).__name__}: {detail}); the report is at {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

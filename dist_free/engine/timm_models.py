@@ -7,7 +7,9 @@ architecture, so eps stays in pixel units. Nothing is ever downloaded: weights s
 from a local safetensors file (`model.init`) whose every key and shape is checked before the
 first step. `kwargs` are the architecture arguments timm takes (img_size, patch_size,
 drop_path_rate, depth, ...): data from the config, checked by building the net on the meta
-device before any process group exists.
+device before any process group exists. An argument with which timm would read weights or a
+config from a file, a cache or the hub is refused (`weight_source_key`), whether it comes from a
+config, a checkpoint's config or an export's model card.
 
 timm is imported lazily: the torchvision and small-net paths never pay for its import.
 """
@@ -20,6 +22,20 @@ import torch
 import torch.nn as nn
 
 PREFIX = "timm/"
+
+# Arguments of timm.create_model and timm.models.build_model_with_cfg (timm 1.0) with which timm
+# reads weights or a pretrained config from a file, its cache or the hub: `pruned` reads a
+# channel file, the rest load checkpoints. The rule below catches what a later timm may add.
+WEIGHT_SOURCE_ARGS = frozenset({
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+    "pretrained_filter_fn", "pretrained_model_args", "checkpoint_path", "cache_dir", "pruned"})
+# ...and any argument with one of these among its "_"-separated words,
+WEIGHT_SOURCE_WORDS = frozenset({"pretrained", "checkpoint", "ckpt", "cache", "hub", "url", "file",
+                                 "filename", "download", "weights"})
+# ...except architecture arguments that read nothing: SwinV2's window size of the weights it
+# would be fine-tuned from, TinyViT's gradient checkpointing.
+READ_FREE_ARGS = frozenset({"pretrained_window_size", "pretrained_window_sizes",
+                            "pretrained_win_size", "use_checkpoint"})
 
 
 class InitError(ValueError):
@@ -35,9 +51,28 @@ def arch(name: str) -> str:
     return name[len(PREFIX):]
 
 
+def weight_source_key(kwargs: dict | None) -> str | None:
+    """The first key of `kwargs` with which timm would read weights or a config from a file, a
+    cache or the network (WEIGHT_SOURCE_ARGS, or a name with a WEIGHT_SOURCE_WORDS word), else
+    None."""
+    for key in kwargs or {}:
+        name = str(key).lower()
+        if name in READ_FREE_ARGS:
+            continue
+        if name in WEIGHT_SOURCE_ARGS or WEIGHT_SOURCE_WORDS & set(name.split("_")):
+            return str(key)
+    return None
+
+
 def create_net(name: str, num_classes: int, kwargs: dict | None = None) -> nn.Module:
-    """The bare timm net, freshly initialised. ValueError names an unknown architecture or an
-    argument it does not take."""
+    """The bare timm net, freshly initialised. ValueError names an unknown architecture, an
+    argument it does not take, or one with which timm would read weights (checked before timm
+    sees any argument: nothing is read or downloaded)."""
+    key = weight_source_key(kwargs)
+    if key is not None:
+        raise ValueError(f"argument {key!r} would have timm read weights or a config from a file, "
+                         "a cache or the hub; timm nets start fresh here (to start from weights, "
+                         "model.init names a local .safetensors file, every key and shape checked)")
     import timm
     short = arch(name)
     if not timm.is_model(short):

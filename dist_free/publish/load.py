@@ -85,9 +85,11 @@ def _from_export(weights) -> NormalizedModel:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{card_path}: not a readable dist-free model card "
                               f"({type(e).__name__}: {e})") from None
+    # Built first: the card's architecture and arguments are checked (timm_models refuses one
+    # that would read weights) before any weights are read.
+    model = _build(weights, name, num_classes, norm, kwargs)
     state = _read_weights(weights)
     net_state = {k[len(EXPORT_PREFIX):]: v for k, v in state.items() if k.startswith(EXPORT_PREFIX)}
-    model = _build(weights, name, num_classes, norm, kwargs)
     _fit(weights, model.net, net_state, name, num_classes)
     return model
 

@@ -21,7 +21,7 @@ This package is the one home of MLflow: nothing else in dist_free imports it.
 from dist_free.tracking.direct import log_to_run
 from dist_free.tracking.tags import environment_tags
 from dist_free.tracking.tracker import NullTracker, Tracker, build_tracker
-from dist_free.tracking.uri import TrackingConfigError, check_uri, resolve_uri
+from dist_free.tracking.uri import TrackingConfigError, check_uri, redact, resolve_uri, shown_uri
 
 __all__ = ["NullTracker", "Tracker", "TrackingConfigError", "build_tracker", "check_uri",
-           "environment_tags", "log_to_run", "resolve_uri"]
+           "environment_tags", "log_to_run", "redact", "resolve_uri", "shown_uri"]

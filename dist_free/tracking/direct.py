@@ -10,14 +10,16 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from dist_free.tracking.uri import bound_http_retries
+from dist_free.tracking.uri import bound_http_retries, check_uri
 
 
 def log_to_run(uri: str, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str],
                artifact: Path, artifact_path: str) -> None:
     """Metrics (at step 0, timestamped now) and tags in one request, then the file `artifact`
     under `artifact_path`, to run `run_id` at `uri` (resolved: see uri.resolve_uri). Raises
-    whatever MLflow raises."""
+    TrackingConfigError for a URI with credentials (before any request), else whatever MLflow
+    raises."""
+    check_uri(uri)
     bound_http_retries(uri)     # fail in seconds when a server is down, not after minutes
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag

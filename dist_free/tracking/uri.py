@@ -1,7 +1,8 @@
 """The tracking URI: where it comes from, and the checks that keep credentials out of it.
 
 A URI ends up in logs, the WAL header and MLflow's own error messages, so a password inside it
-would be written down in many places. MLflow reads credentials from the environment instead:
+(user:password@, or a query parameter such as ?password= or ?token=) would be written down in many
+places. MLflow reads credentials from the environment instead:
 MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for a tracking
 server; a database URI takes its password from the driver's own mechanism (e.g. PGPASSWORD or
 ~/.pgpass for PostgreSQL).
@@ -10,8 +11,21 @@ server; a database URI takes its password from the driver's own mechanism (e.g. 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
+
+# A query or fragment parameter carries a credential when its name, lowercased and cut down to
+# letters and digits (X-Amz-Signature -> xamzsignature), contains one of SECRET_STEMS or is one of
+# SECRET_NAMES. A value that is itself name=value pairs (an ODBC connection string, odbc_connect=
+# ...;PWD=...) is read the same way. Paths (passfile, sslkey) and auth method names (require_auth)
+# are settings, not secrets.
+SECRET_STEMS = ("password", "passwd", "passphrase", "pwd", "secret", "token", "credential",
+                "signature", "apikey", "accesskey", "privatekey")
+SECRET_NAMES = frozenset({"key", "sig", "pass", "auth", "authorization", "jwt"})
+USE_ENV = ("remove them and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+           "MLFLOW_TRACKING_TOKEN) instead (for a database URI, the driver's own, e.g. PGPASSWORD "
+           "or ~/.pgpass)")
 
 
 class TrackingConfigError(ValueError):
@@ -24,24 +38,72 @@ def resolve_uri(uri: str | None) -> str:
 
 
 def check_uri(uri: str | None) -> None:
-    """Raise TrackingConfigError if `uri` carries credentials (user:password@, or any user@
-    for http(s), where a bare user part is a token). None and credential-free URIs pass."""
+    """Raise TrackingConfigError if `uri` carries credentials: user:password@ (or any user@ for
+    http(s), where a bare user part is a token), or a query or fragment parameter named as a
+    secret (see SECRET_STEMS). None and credential-free URIs pass. The message never holds the
+    secret (shown_uri)."""
     if not uri:
         return
     try:
         parts = urlsplit(uri)
     except ValueError as exc:
         raise TrackingConfigError(f"tracking URI is not a valid URI ({exc})") from None
-    if "@" not in parts.netloc:
-        return
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    if ":" not in userinfo and parts.scheme not in ("http", "https"):
-        return  # a database user name alone is not a secret
-    shown = f"{parts.scheme}://***@{host}"  # never echo the secret itself
-    raise TrackingConfigError(
-        f"tracking URI {shown} contains credentials; remove them and set "
-        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
-        "instead (for a database URI, the driver's own, e.g. PGPASSWORD or ~/.pgpass)")
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        if ":" in userinfo or parts.scheme in ("http", "https"):   # a database user alone is no secret
+            raise TrackingConfigError(f"tracking URI {shown_uri(uri)} contains credentials; "
+                                      f"{USE_ENV}")
+    term = secret_parameter(parts.query) or secret_parameter(parts.fragment)
+    if term:
+        raise TrackingConfigError(f"tracking URI {shown_uri(uri)} carries credentials in a "
+                                  f"query parameter (its name says {term!r}); {USE_ENV}")
+
+
+def secret_parameter(text: str, nested: bool = True) -> str | None:
+    """The SECRET_STEMS/SECRET_NAMES term that a parameter of query string `text` is named by
+    (a term, never the name itself: a malformed name may hold the value), else None."""
+    for name, value in parse_qsl(text.replace(";", "&"), keep_blank_values=True):
+        plain = re.sub(r"[^a-z0-9]", "", name.lower())
+        if plain in SECRET_NAMES:
+            return plain
+        term = next((stem for stem in SECRET_STEMS if stem in plain), None)
+        if term is None and nested and "=" in value:
+            term = secret_parameter(value, nested=False)
+        if term:
+            return term
+    return None
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` as it may be printed: the user part and every query and fragment value as ***."""
+    try:
+        netloc = urlsplit(uri).netloc
+    except ValueError:
+        return "<not a valid URI>"
+    rest, hash_, fragment = uri.partition("#")
+    head, mark, query = rest.partition("?")
+    if "@" in netloc:
+        head = head.replace(netloc, "***@" + netloc.rsplit("@", 1)[1], 1)
+    return head + mark + _masked(query) + hash_ + _masked(fragment)
+
+
+def redact(text: str, uri: str) -> str:
+    """`text` (an MLflow error, which quotes the URI or just its path and query) with `uri`, its
+    user part and its query string masked as shown_uri masks them."""
+    text = text.replace(uri, shown_uri(uri))
+    query = uri.partition("#")[0].partition("?")[2]
+    if query:
+        text = text.replace(query, _masked(query))
+    try:
+        netloc = urlsplit(uri).netloc
+    except ValueError:
+        return text
+    return text.replace(netloc.rsplit("@", 1)[0] + "@", "***@") if "@" in netloc else text
+
+
+def _masked(query: str) -> str:
+    items = [item for item in re.split(r"[&;]", query) if item]
+    return "&".join(f"{item.split('=', 1)[0]}=***" if "=" in item else "***" for item in items)
 
 
 def bound_http_retries(uri: str) -> None:

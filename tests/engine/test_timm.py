@@ -104,6 +104,54 @@ def test_a_bad_timm_config_exits_2_before_any_training(tmp_path, capfd):
     assert not any(tmp_path.iterdir())
 
 
+# With these timm reads weights or a pretrained config from a file, its cache or the hub: the
+# explicit list (timm.create_model's, build_model_with_cfg's), then names its rule catches.
+WEIGHT_SOURCES = {"checkpoint_path": "/x/net.pth", "pretrained": True, "pretrained_cfg": "augreg",
+                  "pretrained_cfg_overlay": "x", "pretrained_strict": False, "cache_dir": "/x",
+                  "pruned": True, "pretrained_filter_fn": "x", "pretrained_model_args": "x",
+                  "hf_hub_id": "timm/x", "weights_url": "http://x", "init_file": "/x"}
+
+
+def forbid_reading_weights(monkeypatch):
+    """From here on, timm.create_model or reading any weights file fails the test."""
+    import safetensors.torch
+    import timm
+
+    def called(*args, **kwargs):
+        raise AssertionError(f"called with {args} {kwargs}")
+    for module, name in ((timm, "create_model"), (safetensors.torch, "load_file"), (torch, "load")):
+        monkeypatch.setattr(module, name, called)
+
+
+@pytest.mark.parametrize("key", WEIGHT_SOURCES)
+def test_an_argument_that_reads_weights_is_a_config_error_naming_it(key, monkeypatch):
+    forbid_reading_weights(monkeypatch)
+    cfg = load_config(None, [f"model.name={VIT}", f"model.kwargs.{key}={WEIGHT_SOURCES[key]}"])
+    with pytest.raises(ConfigError, match=f"model.kwargs: argument '{key}' would have timm read "
+                                          "weights.*model.init"):
+        runtime.check_model(cfg)
+
+
+def test_architecture_arguments_the_rule_could_mistake_still_build():
+    runtime.check_model(load_config(None, ["model.name=timm/swinv2_cr_tiny_ns_224",
+                                           "model.kwargs.drop_path_rate=0.1"]))
+    runtime.check_model(load_config(None, ["model.name=timm/swinv2_tiny_window8_256",
+                                           "model.kwargs.pretrained_window_sizes=[8, 8, 8, 4]"]))
+
+
+def test_checkpoint_path_in_kwargs_exits_2_before_any_process_group(tmp_path, capfd, monkeypatch):
+    weights = tmp_path / "net.pth"
+    torch.save(tiny(VIT).net.state_dict(), weights)
+    forbid_reading_weights(monkeypatch)
+    monkeypatch.setattr(train.distributed, "init", lambda *a: pytest.fail("a process group"))
+    code = train.main(["--config", DEMO, f"model.name={VIT}",
+                       f"model.kwargs.checkpoint_path={weights}", f"run.dir={tmp_path / 'runs'}",
+                       "tracking.enabled=false"])
+    err = capfd.readouterr().err
+    assert code == 2 and "model.kwargs: argument 'checkpoint_path'" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
 def test_model_init_loads_a_local_safetensors_after_checking_every_shape(tmp_path):
     source = tiny(CONVNEXT)
     with torch.no_grad():
@@ -182,6 +230,37 @@ def test_the_export_holds_the_ema_loadable_with_timm_alone(tmp_path):
     info = json.loads((out / "model_info.json").read_text())
     assert info["architecture"] == VIT and info["eps"] == "4/255"
     assert info["clean_acc"] is None and info["autoattack_acc"] is None   # no final evaluation
+
+
+@pytest.mark.parametrize("hostile", [{"checkpoint_path": "net.pth"}, {"pretrained": True},
+                                     {"pretrained_cfg": {"file": "net.pth"}}])
+def test_an_export_whose_card_asks_timm_to_read_weights_is_refused_unread(tmp_path, monkeypatch,
+                                                                          hostile):
+    ckpt, _, _ = ema_checkpoint(tmp_path / "best.pt")
+    out = tmp_path / "export"
+    export_checkpoint(ckpt, out)
+    torch.save(tiny(VIT).net.state_dict(), out / "net.pth")
+    card = json.loads((out / "model_card.json").read_text())
+    card["architecture_kwargs"] = {**card["architecture_kwargs"], **hostile}
+    (out / "model_card.json").write_text(json.dumps(card))
+    forbid_reading_weights(monkeypatch)
+    (key,) = hostile
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"model.safetensors: cannot build architecture '{VIT}': argument "
+                             f"'{key}' would have timm read weights"):
+        from_checkpoint(out)
+
+
+def test_a_checkpoint_whose_config_asks_timm_to_read_weights_is_refused(tmp_path, monkeypatch):
+    ckpt, live, _ = ema_checkpoint(tmp_path / "best.pt")
+    state = checkpoint.load(ckpt)
+    state["config"]["model"]["kwargs"]["checkpoint_path"] = str(tmp_path / "net.pth")
+    torch.save(live.net.state_dict(), tmp_path / "net.pth")
+    hostile = checkpoint.save_atomic(state, tmp_path / "hostile.pt")
+    import timm
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm was called"))
+    with pytest.raises(checkpoint.CheckpointError, match="argument 'checkpoint_path' would have"):
+        from_checkpoint(hostile)
 
 
 def test_model_info_carries_a_reports_autoattack_figures(tmp_path):

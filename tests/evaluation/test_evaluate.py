@@ -170,9 +170,32 @@ def test_an_unreachable_tracking_server_only_warns(ckpt, tmp_path, capsys, monke
     state = checkpoint.load(ckpt)
     path = checkpoint.save_atomic({**state, "mlflow_run_id": "0" * 32}, tmp_path / "best.pt")
     assert main(["--checkpoint", str(path), "--subset", "8", "--steps", "1", "--restarts", "1",
-                 "tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"]) == 0
-    assert "warning: could not log to MLflow run" in capsys.readouterr().err
+                 "tracking.enabled=true", "tracking.uri=http://127.0.0.1:9/?team=vision42"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: could not log to MLflow run" in err
+    # The URI is shown with its query values masked, in MLflow's quoted error too.
+    assert "127.0.0.1:9/?team=***" in err and "vision42" not in out + err
     assert len(list(tmp_path.glob("eval_pgd1x1_*_subset8.json"))) == 1    # beside the checkpoint
+
+
+@pytest.mark.parametrize("uri", ["postgresql://db.example/mlflow?user=ml&password=s3cret",
+                                 "http://127.0.0.1:9/?token=s3cret"])
+@pytest.mark.parametrize("via", ["flag", "environment"])
+def test_a_tracking_uri_with_credentials_stops_evaluate_unechoed(ckpt, tmp_path, capfd,
+                                                                 monkeypatch, uri, via):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    state = checkpoint.load(ckpt)
+    path = checkpoint.save_atomic({**state, "mlflow_run_id": "0" * 32}, tmp_path / "best.pt")
+    args = ["--checkpoint", str(path), "--subset", "8", "--steps", "1", "--restarts", "1",
+            "--out", str(tmp_path / "out"), "tracking.enabled=true"]
+    if via == "environment":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    else:
+        args.append(f"tracking.uri={uri}")
+    assert main(args) == 2
+    out, err = capfd.readouterr()
+    assert "error: tracking.uri:" in err and "MLFLOW_TRACKING_TOKEN" in err
+    assert "s3cret" not in out + err and not (tmp_path / "out").exists()
 
 
 def test_a_bad_checkpoint_gives_a_clear_error(tmp_path):
