@@ -193,6 +193,7 @@ def load_run(args):
     TrackingConfigError for a tracking URI with credentials in it."""
     state = checkpoint.load(args.checkpoint)
     cfg = checkpoint_config(state, args.overrides)
+    runtime.check_model(cfg)     # the architecture (and timm kwargs) before anything is read
     if cfg.tracking.enabled:     # a password must not reach the output, nor MLflow's errors
         check_uri(resolve_uri(cfg.tracking.uri))
     if "autoattack" in args.attack:
