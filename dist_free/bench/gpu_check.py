@@ -228,14 +228,15 @@ def check_bf16_autocast_step(s: Sizes, device) -> Result:
     t = FreeAdversarialTrainer(model, sgd(model), eps=eps, replays=2, amp_dtype=torch.bfloat16)
     losses = [t.train_step(bx, by)["loss"] for bx, by in batches]
     delta = t.perturbation
+    replay_dtype = t.buffers(batches[0][0]).replay_input.dtype
     inside = float(delta.abs().max()) <= eps + 1e-7
     close = abs(bf16_loss - fp32_loss) <= 0.02 * max(1.0, fp32_loss)
     ok = (all(v == v and abs(v) < 1e4 for v in losses) and param_diff(model, start) > 0
-          and inside and float(delta.abs().sum()) > 0 and t._x_adv.dtype == torch.float32 and close)
+          and inside and float(delta.abs().sum()) > 0 and replay_dtype == torch.float32 and close)
     return verdict(ok, f"forward loss bf16 {bf16_loss:.4f} vs fp32 {fp32_loss:.4f}; step losses "
                        f"{', '.join(f'{v:.3f}' for v in losses)}, |delta| <= eps: {inside}",
                    losses=losses, fp32_loss=fp32_loss, bf16_loss=bf16_loss, delta_inside=inside,
-                   x_adv_dtype=str(t._x_adv.dtype))
+                   x_adv_dtype=str(replay_dtype))
 
 
 def check_channels_last(s: Sizes, device) -> Result:

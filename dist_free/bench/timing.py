@@ -268,17 +268,15 @@ def replay_parts(f: FloorSetup, images, eps: float, repeats: int, device) -> dic
     Per replay at m: (first input + (m-1) updates writing the next input + 1 that does not) / m;
     the floor's: one fused update writing the next input."""
     t = f.free
-    t._check_shape(images)                                       # allocates its buffers
-    b, m = images.shape[0], t.replays
-    delta, x_adv = t._delta[:b], t._x_adv[:b]
-    work = None if t._work is None else t._work.rows(b)
+    delta, x_adv, work = t.buffers(images)                       # allocates them
+    m = t.replays
     grad = torch.randn(images.shape, device=device)
     fused = compiled_free_update()
     args = (images, delta, grad, None, eps, eps, x_adv)
     samples = interleaved({
         "first_input": Variant(lambda: torch.add(images, delta, out=x_adv).clamp_(0.0, 1.0)),
-        "update_next": Variant(lambda: t._update(*args, True, work)),
-        "update_last": Variant(lambda: t._update(*args, False, work)),
+        "update_next": Variant(lambda: t.update(*args, True, work)),
+        "update_last": Variant(lambda: t.update(*args, False, work)),
         "fused_update": Variant(lambda: fused(*args, True)),
     }, device, repeats, warmup=2, min_sample_s=0.05, rotate=True)
     med = {k: statistics.median(v) for k, v in samples.items()}

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from dist_free import distributed, environment
 from dist_free.bench.timing import make_batch, summary, sync
 from dist_free.engine import attacks, method_registry
+from dist_free.engine.free import FreeAdversarialTrainer
 from dist_free.engine.methods import build_method
 from dist_free.engine.models import build_model
 from dist_free.precision import DTYPES
@@ -92,9 +93,8 @@ def memory_worker(a: argparse.Namespace) -> dict:
         method.train_step(images, labels)
     sync(device)
     # The perturbation, the replay input and the eager update's scratch: all free training adds.
-    buffers = [getattr(method, "_delta", None), getattr(method, "_x_adv", None),
-               *(getattr(method, "_work", None) or ())]
-    buffer_bytes = sum(t.numel() * t.element_size() for t in buffers if t is not None)
+    buffers = method.buffer_tensors() if isinstance(method, FreeAdversarialTrainer) else []
+    buffer_bytes = sum(t.numel() * t.element_size() for t in buffers)
     peak = environment.peak_memory_bytes(device)
     return {"method": a.method, "peak_bytes": peak, "baseline_bytes": baseline,
             "buffer_bytes": buffer_bytes,

@@ -108,6 +108,13 @@ def resolve_fused(fused: bool | str, device: torch.device) -> bool:
     return bool(fused)
 
 
+class ReplayBuffers(NamedTuple):
+    """The rows of the trainer's reused buffers that one batch uses."""
+    perturbation: torch.Tensor          # delta, carried over between minibatches
+    replay_input: torch.Tensor          # clamp(x + delta, 0, 1), fp32 whatever the autocast
+    work: UpdateWork | None             # the eager update's scratch; None when fused
+
+
 class FreeAdversarialTrainer(StepBase):
     name = "free"
 
@@ -131,7 +138,7 @@ class FreeAdversarialTrainer(StepBase):
         if not self.step_size > 0:
             raise ValueError(f"step_size must be > 0, got {step_size}")
         self.fused = resolve_fused(fused, self.device)
-        self._update = compiled_free_update() if self.fused else free_update
+        self.update = compiled_free_update() if self.fused else free_update   # the one in use
         self._delta: torch.Tensor | None = None
         self._x_adv: torch.Tensor | None = None
         self._work: UpdateWork | None = None
@@ -169,13 +176,26 @@ class FreeAdversarialTrainer(StepBase):
                 f"batch of shape {tuple(images.shape)} does not fit the perturbation buffer "
                 f"{tuple(buf)}: batches must have the buffer's (C, H, W) and at most {buf[0]} images")
 
+    def buffers(self, images: torch.Tensor) -> ReplayBuffers:
+        """The buffer rows a batch of `images` uses, allocated at the first batch (ValueError if
+        the batch does not fit). The benchmarks time the update on these same rows."""
+        self._check_shape(images)
+        b = images.shape[0]
+        return ReplayBuffers(self._delta[:b], self._x_adv[:b],
+                             None if self._work is None else self._work.rows(b))
+
+    def buffer_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the trainer keeps between steps (empty before the first batch): the
+        memory free training adds over natural training."""
+        if self._delta is None:
+            return []
+        return [self._delta, self._x_adv, *(self._work or ())]
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
         """Replay one minibatch `replays` times; returns mean loss and accuracy on x_adv."""
         self.check_first_batch(images, labels)
-        self._check_shape(images)
+        delta, x_adv_buf, work = self.buffers(images)
         b = images.shape[0]
-        delta, x_adv_buf = self._delta[:b], self._x_adv[:b]
-        work = None if self._work is None else self._work.rows(b)
         with torch.no_grad():
             torch.add(images, delta, out=x_adv_buf).clamp_(0.0, 1.0)     # linf.perturb, in place
         loss_sum = torch.zeros((), device=self.device)
@@ -187,7 +207,7 @@ class FreeAdversarialTrainer(StepBase):
             last = replay == self.replays - 1
             with torch.no_grad():
                 # Without a GradScaler no step is ever skipped: pass None, not a zero to test.
-                self._update(images, delta, x_adv.grad,
+                self.update(images, delta, x_adv.grad,
                              found_inf=found_inf if self.scaler is not None else None,
                              eps=self.eps, step_size=self.step_size, x_adv=x_adv_buf,
                              next_input=not last, work=work)
