@@ -64,6 +64,10 @@ REFUSED_OPCODES = {"INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "PERSID", "BINPERSID", 
 STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
                   "BINSTRING", "STRING"}
 PUT_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT"}
+# A CIFAR file's dicts hold a handful of entries (a batch: labels, data, filenames, batch_label;
+# meta: three). Bounding them bounds hash-collision work, which the C unpickler would otherwise
+# do in time quadratic in the file's size (integer keys that all hash alike).
+MAX_KEYED_ITEMS = 64
 # The plain integer types arrays may have: numpy's pickled code -> its itemsize.
 INTEGER_CODES = {f"{kind}{size}": size for kind in "ui" for size in (1, 2, 4, 8)}
 NATIVE = "<" if sys.byteorder == "little" else ">"
@@ -77,6 +81,34 @@ def _check_global(module, name, source) -> None:
                                 f"{', '.join(sorted(f'{m}.{n}' for m, n in ALLOWED))})")
 
 
+class _KeyedItems:
+    """Counts the dict and set entries a pickle builds, from each opcode's stack effect: the
+    items above a MARK are what SETITEMS, DICT, ADDITEMS and FROZENSET take."""
+
+    def __init__(self, source):
+        self.source, self.marks, self.items = source, [], 0
+
+    def step(self, op) -> None:
+        if op.name == "MARK":
+            self.marks.append(0)
+            return
+        before = op.stack_before
+        if pickletools.markobject in before:
+            taken = self.marks.pop() if self.marks else 0
+            self.items += taken // 2 if op.name in ("SETITEMS", "DICT") else \
+                taken if op.name in ("ADDITEMS", "FROZENSET") else 0
+            net = len(op.stack_after) - before.index(pickletools.markobject)
+        else:
+            self.items += op.name == "SETITEM"
+            net = len(op.stack_after) - len(before)
+        if self.marks:
+            self.marks[-1] += net
+        if self.items > MAX_KEYED_ITEMS:
+            raise UnsafePickleError(f"{self.source}: the pickle builds more than "
+                                    f"{MAX_KEYED_ITEMS} dict or set entries; a CIFAR file holds "
+                                    "a handful; refused")
+
+
 def scan_globals(data: bytes, source) -> None:
     """Check every global a pickle names, and its claims on memory, from its opcodes alone.
 
@@ -87,8 +119,10 @@ def scan_globals(data: bytes, source) -> None:
     """
     pushed: list[str | None] = []
     memo: dict[int, str | None] = {}
+    depth = _KeyedItems(source)
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+            depth.step(op)
             if op.name in REFUSED_OPCODES:
                 raise UnsafePickleError(f"{source}: the pickle uses opcode {op.name}, which "
                                         "builds objects outside the allow-list; refused")
@@ -331,8 +365,15 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def _brief(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    """What a refused value is, by type and size: never its repr, which for a hostile object
+    (one string shared a million times through the memo) can be far larger than the file."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() < 64 else f"an int of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes, bytearray, tuple, list, dict)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__name__}"
 
 
 def _finish(obj, unpickler: RestrictedUnpickler):

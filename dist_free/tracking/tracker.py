@@ -39,7 +39,7 @@ from dist_free.tracking.sender import METRICS_PER_BATCH, RunTarget
 from dist_free.tracking.staging import remove_session, stage
 from dist_free.tracking.system_metrics import SystemSampler
 from dist_free.tracking.uploader import BATCH_ITEMS, Uploader, pending_max_step, replay_command, replay_file
-from dist_free.tracking.uri import bound_http_retries, check_uri, resolve_uri
+from dist_free.tracking.uri import bound_http_retries, check_uri, redact, resolve_uri, shown_uri
 
 log = logging.getLogger("dist_free.tracking")
 
@@ -270,14 +270,15 @@ class Tracker(NullTracker):
                 failures += 1
                 if failures == 1:
                     log.warning("MLflow at %s unreachable or failing (%s); training goes on, "
-                                "items are kept and retried", self._target.uri, exc)
+                                "items are kept and retried", shown_uri(self._target.uri),
+                                redact(str(exc), self._target.uri))
                 self._first_try.set()
                 self._back_off(failures)
                 continue
             self._first_try.set()
             if failures:
                 log.warning("MLflow at %s reachable again; sending the %d queued items",
-                            self._target.uri, self.backlog()["unsent"])
+                            shown_uri(self._target.uri), self.backlog()["unsent"])
                 failures = 0
             if not busy:
                 if closing:
@@ -307,7 +308,7 @@ class Tracker(NullTracker):
     def _open(self, client) -> None:
         self._uploader.open(client)
         self._opened = True
-        log.info("MLflow run %s at %s%s", self._target.run_id, self._target.uri,
+        log.info("MLflow run %s at %s%s", self._target.run_id, shown_uri(self._target.uri),
                  " (resumed)" if self._target.resumed else "")
         if self._want_system and self._sampler is None and not self._closing.is_set():
             self._sampler = SystemSampler(self, self._target.uri, self._target.start_ms)
@@ -356,7 +357,7 @@ class Tracker(NullTracker):
         elif unsent:
             log.warning("MLflow at %s did not accept %d items before exit (%d rejected); they "
                         "are in %s. The next run in %s sends them, or now: %s",
-                        self._target.uri, unsent, kept, self._journal.paths.log,
+                        shown_uri(self._target.uri), unsent, kept, self._journal.paths.log,
                         self._run_dir, replay_command(self._run_dir))
         if self._journal.lost:
             log.error("%d MLflow items were LOST: %s", self._journal.lost,

@@ -33,7 +33,7 @@ from dist_free.tracking.journal import (
 )
 from dist_free.tracking.sender import Batch, RunTarget, is_permanent, open_run, send_batch
 from dist_free.tracking.staging import remove_session
-from dist_free.tracking.uri import TrackingConfigError, bound_http_retries, check_uri
+from dist_free.tracking.uri import TrackingConfigError, bound_http_retries, check_uri, redact, shown_uri
 
 if TYPE_CHECKING:   # MLflow is imported where it is used: a run with tracking off never loads it
     from mlflow import MlflowClient
@@ -256,7 +256,8 @@ def _run_to_end(up: Uploader, result: FileResult, retries: int) -> None:
     try:
         _retrying(lambda: up.open(client), retries)
     except Exception as exc:  # noqa: BLE001 - reported; every item stays for next time
-        result.error = f"cannot open the MLflow run at {up.target.uri}: {exc}"
+        result.error = (f"cannot open the MLflow run at {shown_uri(up.target.uri)}: "
+                        f"{redact(str(exc), up.target.uri)}")
         result.transient = not is_permanent(exc)
         return
     try:

@@ -48,8 +48,11 @@ def check_uri(uri: str | None) -> None:
         parts = urlsplit(uri)
     except ValueError as exc:
         raise TrackingConfigError(f"tracking URI is not a valid URI ({exc})") from None
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rsplit("@", 1)[0]
+    # The user part as SQLAlchemy reads it: everything up to the last "@" after "//", which may
+    # hold a "/", "?" or "#" that ends urlsplit's netloc early (postgresql://u:p/ss@host/db).
+    authority = uri.split("//", 1)[1] if "//" in uri else ""
+    if "@" in authority:
+        userinfo = authority.rsplit("@", 1)[0]
         if ":" in userinfo or parts.scheme in ("http", "https"):   # a database user alone is no secret
             raise TrackingConfigError(f"tracking URI {shown_uri(uri)} contains credentials; "
                                       f"{USE_ENV}")
@@ -77,13 +80,14 @@ def secret_parameter(text: str, nested: bool = True) -> str | None:
 def shown_uri(uri: str) -> str:
     """`uri` as it may be printed: the user part and every query and fragment value as ***."""
     try:
-        netloc = urlsplit(uri).netloc
+        urlsplit(uri)
     except ValueError:
         return "<not a valid URI>"
+    scheme, slashes, authority = uri.partition("//")
+    if slashes and "@" in authority:      # the user part up to the last "@", as check_uri reads it
+        uri = scheme + slashes + "***@" + authority.rsplit("@", 1)[1]
     rest, hash_, fragment = uri.partition("#")
     head, mark, query = rest.partition("?")
-    if "@" in netloc:
-        head = head.replace(netloc, "***@" + netloc.rsplit("@", 1)[1], 1)
     return head + mark + _masked(query) + hash_ + _masked(fragment)
 
 

@@ -548,3 +548,24 @@ def test_fuzzed_batches_read_clean_or_are_refused_by_name(tmp_path):
     assert len(done) >= 50, f"only {len(done)} mutants read in the time given"
     outcomes = {r["outcome"] for r in done}
     assert outcomes == {"ok", "refused"}, outcomes     # the mutations neither all harmless nor all fatal
+
+
+def test_a_pickle_of_many_dict_entries_is_refused_before_the_unpickler_hashes_them():
+    """Integer keys that all hash alike cost the C unpickler time quadratic in the file (found by
+    the review of issue 27); a CIFAR file's dicts hold a handful of entries."""
+    import pickle
+
+    from pipelines.cifar_pickle import MAX_KEYED_ITEMS, UnsafePickleError, scan_globals
+    colliding = pickle.dumps({i * (2**61 - 1): None for i in range(MAX_KEYED_ITEMS + 1)}, protocol=2)
+    with pytest.raises(UnsafePickleError, match="dict or set entries"):
+        scan_globals(colliding, "data_batch_1")
+    scan_globals(pickle.dumps({"labels": [1], "data": b"x", "filenames": ["a"], "batch_label": "b"},
+                              protocol=2), "data_batch_1")
+
+
+def test_a_refusal_describes_a_hostile_value_without_its_repr():
+    """A list of a million memo references to one string has a repr a million times the file."""
+    from pipelines.cifar_pickle import _brief
+    shared = "x" * 100_000
+    assert _brief([shared] * 1000) == "a list of length 1000"
+    assert _brief(2 ** 100_000) == "an int of 100001 bits"

@@ -98,3 +98,18 @@ def test_a_direct_log_refuses_it_before_any_request(tmp_path, monkeypatch):
     (tmp_path / "r.json").write_text("{}")
     with pytest.raises(TrackingConfigError, match="query parameter"):
         log_to_run(QUERY_SECRETS[1], "0" * 32, {"m": 1.0}, {}, tmp_path / "r.json", "final_eval")
+
+
+# A password holding "/", "?" or "#" ends urlsplit's netloc early, but SQLAlchemy reads the
+# user part up to the last "@" (found by the review of issue 27).
+EARLY_NETLOC = ["postgresql://user:p/ss@host/db", "postgresql://user:pa?ss@host/db",
+                "mysql://bob:se#cret@host/db"]
+
+
+@pytest.mark.parametrize("uri", EARLY_NETLOC)
+def test_a_password_that_ends_the_netloc_early_is_refused_and_never_shown(uri):
+    secret = uri.split("//", 1)[1].rsplit("@", 1)[0].split(":", 1)[1]
+    with pytest.raises(TrackingConfigError) as err:
+        check_uri(uri)
+    assert secret not in str(err.value)
+    assert secret not in shown_uri(uri)
