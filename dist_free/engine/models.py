@@ -5,8 +5,9 @@ pixel units, exactly as the paper states them.
 
 - torchvision ImageNet models by name (resnet50 is the paper's): resnet18/34/50/101/152,
   wide_resnet50_2, ... any `torchvision.models.get_model` name.
-- CIFAR-size nets: preact_resnet18, wrn32_10 (the paper's CIFAR WideResNet 32-10, = WRN-34-10),
-  wrn28_10, wrn16_4.
+- CIFAR-size nets: preact_resnet18, wrn32_10 (a pre-activation WideResNet 32-10, = WRN-34-10),
+  wrn28_10, wrn16_4; shafahi2019_wrn32_10, the paper's CIFAR network exactly as the authors'
+  TensorFlow code builds it (per-image standardisation inside: see dist_free.engine.shafahi2019).
 - small_cnn: a few-layer CNN for the digits demo and tests.
 - timm architectures as "timm/<name>" (ConvNeXt, ViT/DeiT, Swin, XCiT, ...), with their
   arguments (img_size, patch_size, drop_path_rate): see dist_free.engine.timm_models.
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from dist_free.engine import timm_models
+from dist_free.engine import shafahi2019, timm_models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,11 +105,18 @@ SMALL_MODELS = {
     "small_cnn": small_cnn,
     "preact_resnet18": lambda n: PreActResNet([64, 128, 256, 512], [2, 2, 2, 2], n, stem=64),
     # The paper's CIFAR "WRN-32-10" is Madry et al.'s net: 5 blocks per stage (6n + 2 = 32),
-    # ~46 M parameters; the same net is also called WRN-34-10 (6n + 4).
+    # ~46 M parameters; the same net is also called WRN-34-10 (6n + 4). wrn32_10 has its depth
+    # and widths as a pre-activation torch WRN; shafahi2019_wrn32_10 is the net itself.
     "wrn32_10": lambda n: wide_resnet(5, 10, n),
     "wrn34_10": lambda n: wide_resnet(5, 10, n),
     "wrn28_10": lambda n: wide_resnet(4, 10, n),
     "wrn16_4": lambda n: wide_resnet(2, 4, n),
+    "shafahi2019_wrn32_10": shafahi2019.wrn32_10,
+}
+# The fixed Normalize in front of a net, where it is not ImageNet's mean/std: Shafahi et al.'s net
+# standardises each image itself and takes 0-255 pixels, so its Normalize only scales by 255.
+INPUT_NORMALIZATION = {
+    "shafahi2019_wrn32_10": (shafahi2019.INPUT_MEAN, shafahi2019.INPUT_STD),
 }
 
 
@@ -116,9 +124,10 @@ def available_models() -> list[str]:
     return sorted(SMALL_MODELS) + sorted(torchvision.models.list_models(torchvision.models))
 
 
-def build_model(name: str, num_classes: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+def build_model(name: str, num_classes: int, *, mean=None, std=None,
                 channels_last: bool = False, kwargs: dict | None = None) -> NormalizedModel:
-    """Weights are initialised fresh (nothing is downloaded). `kwargs`: a timm architecture's
+    """Weights are initialised fresh (nothing is downloaded). `mean`/`std`: the Normalize in
+    front (default: the architecture's, ImageNet's for most). `kwargs`: a timm architecture's
     arguments (only timm names take any)."""
     if timm_models.is_timm(name):
         net = timm_models.create_net(name, num_classes, kwargs)
@@ -130,6 +139,8 @@ def build_model(name: str, num_classes: int, *, mean=IMAGENET_MEAN, std=IMAGENET
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {available_models()}")
-    model = NormalizedModel(net, mean, std)
+    default_mean, default_std = INPUT_NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
+    model = NormalizedModel(net, default_mean if mean is None else mean,
+                            default_std if std is None else std)
     # NHWC lets cuDNN's tensor-core convolutions skip layout transposes under autocast.
     return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -1,7 +1,9 @@
 """Optimizers and gradient clipping.
 
 - sgd: the paper's (momentum, optional Nesterov); by default weight decay on every parameter, as
-  Shafahi et al.'s and torchvision's ResNet recipes do.
+  Shafahi et al.'s ImageNet code (torch's SGD) and torchvision's ResNet recipes do. Their CIFAR
+  code (TF) decays conv and FC weights only: `wd_exempt` true, which for that net exempts exactly
+  the BatchNorm weights and biases and the FC bias.
 - adamw: the ConvNeXt/ViT recipes' (ARES, Singh et al. 2023, Debenedetti et al. 2022), with no
   weight decay on norm weights, biases and position/class tokens (`wd_exempt`).
 

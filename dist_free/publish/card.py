@@ -117,7 +117,9 @@ def input_spec(cfg: Config, model: torch.nn.Module) -> tuple[dict, dict]:
                              "scale to [0, 1]; do not normalise: the model does"}
     norm = {k: [float32_text(v) for v in getattr(model.normalize, k).flatten().tolist()]
             for k in ("mean", "std")}
-    return spec, {**norm, "inside_model": True}
+    # A net that standardises its input itself says how (shafahi2019_wrn32_10: per image).
+    then = getattr(model.net, "input_standardization", None)
+    return spec, {**norm, "inside_model": True, **({"then": then} if then else {})}
 
 
 def training_recipe(state: dict, cfg: Config) -> dict:

@@ -155,8 +155,9 @@ def classes_md(class_to_idx: dict | None) -> list[str]:
 def input_md(card: dict) -> list[str]:
     spec, norm = card["input"], card["normalization"]
     return [(f"RGB, NCHW float in [0, 1], {spec['image_size']} x {spec['image_size']}: "
-             f"{spec['preprocessing']}. Normalisation (mean {norm['mean']}, std {norm['std']}) "
-             "is the model's first module, so attacks and eps work on pixels.")]
+             f"{spec['preprocessing']}. Normalisation (mean {norm['mean']}, std {norm['std']}"
+             f"{', then ' + norm['then'] if norm.get('then') else ''}) is the model's first "
+             "module, so attacks and eps work on pixels.")]
 
 
 def provenance_md(card: dict) -> list[str]:

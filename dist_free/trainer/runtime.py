@@ -14,7 +14,7 @@ import pipelines
 from dist_free import precision
 from dist_free.config import Config, ConfigError
 from dist_free.distributed import DistInfo
-from dist_free.engine import method_registry, methods, optim, timm_models
+from dist_free.engine import method_registry, methods, optim, sync_batchnorm, timm_models
 from dist_free.engine.ema import ModelEMA
 from dist_free.engine.models import build_model
 from dist_free.engine.step_base import StepBase
@@ -71,14 +71,12 @@ def build_ema(cfg: Config, model: torch.nn.Module) -> ModelEMA | None:
 
 
 def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
-    """SyncBatchNorm, DDP and torch.compile around the bare model, as configured."""
+    """Global-batch BatchNorm (model.sync_bn), DDP and torch.compile around the bare model, as
+    configured. sync_bn converts the model's BatchNorms in place (same parameters and buffers)."""
     net = model
     if d.distributed:
         if cfg.model.sync_bn:
-            if d.device.type != "cuda":
-                raise ConfigError("model.sync_bn=true needs CUDA devices: torch's SyncBatchNorm "
-                                  "runs on GPUs only")
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net = sync_batchnorm.convert(net, d.device.type)
         # The perturbation is a leaf of the graph, not a parameter: DDP never all-reduces it.
         net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return torch.compile(net) if cfg.model.compile else net

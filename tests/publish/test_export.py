@@ -191,6 +191,33 @@ def test_from_checkpoint_gives_the_same_model_from_every_source(tmp_path, monkey
     assert torch.equal(run_snippet(lines, out, monkeypatch)(x), expected)
 
 
+def test_the_authors_cifar_net_exports_and_loads_with_from_checkpoint(tmp_path, monkeypatch):
+    """shafahi2019_wrn32_10 (here at depth 1, width 1 per stage): its card records the x 255 in
+    front and the per-image standardisation after it, offers no torchvision line (torchvision
+    cannot build it), and every source gives back the trained model."""
+    from dist_free.engine import models
+    from dist_free.engine.shafahi2019 import ShafahiWideResNet
+    name = "shafahi2019_wrn32_10"
+    monkeypatch.setitem(models.SMALL_MODELS, name, lambda n: ShafahiWideResNet(n, 1, 1))
+    ckpt = make_checkpoint(tmp_path / "last.pt", name, size=32)
+    out = tmp_path / "export"
+    export_checkpoint(ckpt, out)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["architecture_source"] == "dist_free"
+    assert card["normalization"]["mean"] == [0.0] * 3
+    assert torch.equal(torch.tensor(card["normalization"]["std"]), torch.full((3,), 1 / 255))
+    assert "tf.image.per_image_standardization" in card["normalization"]["then"]
+    md = (out / "MODEL_CARD.md").read_text()
+    assert "per-image standardisation" in md and "torchvision.models" not in md
+    lines = loader_block(out)
+    assert lines[0] == "from dist_free.models import from_checkpoint"
+    x = torch.rand(3, 3, 32, 32)
+    expected = reference_model(ckpt)(x)
+    for source in (ckpt, out, out / "model.safetensors", out / "model.pt"):
+        assert torch.equal(from_checkpoint(source)(x), expected), source
+    assert torch.equal(run_snippet(lines, out, monkeypatch)(x), expected)
+
+
 def write_report(path: Path, sha: str, flagged=False) -> Path:
     report = {
         "checkpoint": {"path": "best.pt", "sha256": sha, "epoch": 1, "global_step": 2},

@@ -4,12 +4,17 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 
 from dist_free.config import ConfigError, load_config
-from dist_free.trainer import schedule
+from dist_free.trainer import runtime, schedule
 
 ROOT = Path(__file__).resolve().parents[2]
-PRESETS = sorted((ROOT / "configs").glob("cifar1*/*.yaml"))
+ALL = sorted((ROOT / "configs").glob("cifar1*/*.yaml"))
+# Ours, not the authors': the Free-8 preset in bf16 (its header says so).
+VARIANTS = {ROOT / "configs/cifar10/free_m8_bf16.yaml": ROOT / "configs/cifar10/free_m8.yaml"}
+PRESETS = [p for p in ALL if p not in VARIANTS]
 BATCHES_PER_EPOCH = (50_000 - 1_000) // 128          # one GPU, 1,000 images held out
 
 
@@ -17,13 +22,18 @@ def test_there_is_a_preset_for_every_row_of_the_papers_cifar_tables():
     names = {(p.parent.name, p.stem) for p in PRESETS}
     rows = {"free_m2", "free_m4", "free_m8", "free_m10", "natural", "pgd7"}
     assert names == {(d, r) for d in ("cifar10", "cifar100") for r in rows}
+    assert set(ALL) == set(PRESETS) | set(VARIANTS)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_each_preset_is_the_authors_recipe(preset):
     cfg = load_config(preset)
     assert (cfg.model.name, cfg.model.num_classes) == \
-        ("wrn32_10", 10 if preset.parent.name == "cifar10" else 100)
+        ("shafahi2019_wrn32_10", 10 if preset.parent.name == "cifar10" else 100)
+    # Their network in fp32, with BatchNorm over the whole batch of 128 on any number of GPUs
+    # and weight decay on conv and FC weights only (tests/engine/test_shafahi2019.py).
+    assert (cfg.run.amp, cfg.eval.amp, cfg.model.sync_bn, cfg.optim.wd_exempt) == \
+        ("off", "off", True, True)
     assert cfg.per_rank_batch(1) == 128 and schedule.base_lr(cfg, 1) == pytest.approx(0.1)
     assert (cfg.optim.momentum, cfg.optim.weight_decay) == (0.9, 2e-4)
     if cfg.method.name != "natural":
@@ -74,3 +84,26 @@ def test_a_cosine_step_budget_runs_over_the_steps():
     assert schedule.lr_factor_in_steps(cfg, 0) == pytest.approx(1.0)
     assert schedule.lr_factor_in_steps(cfg, 40_000) == pytest.approx(0.5)
     assert schedule.lr_factor_in_steps(cfg, 80_000) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS), ids=lambda p: p.stem)
+def test_a_variant_is_its_paper_preset_but_for_what_it_names_as_ours(variant):
+    cfg, paper = load_config(variant), load_config(VARIANTS[variant])
+    assert (cfg.run.amp, cfg.eval.amp, cfg.run.name) == ("bf16", "off", paper.run.name + "_bf16")
+    def apart_from_amp_and_name(c):
+        return {**c.to_dict(), "run": {**c.to_dict()["run"], "amp": None, "name": None}}
+    assert apart_from_amp_and_name(cfg) == apart_from_amp_and_name(paper)
+    assert variant.read_text().startswith("# OURS, NOT THE AUTHORS'")
+
+
+def test_the_presets_optimizer_decays_conv_and_fc_weights_only():
+    """Built as the trainer builds it, on the real network (meta device: no memory)."""
+    cfg = load_config(ROOT / "configs/cifar10/free_m8.yaml")
+    with torch.device("meta"):
+        model = runtime.build_bare_model(cfg, torch.device("meta"))
+    decayed, exempt = runtime.build_optimizer(cfg, model, 1).param_groups
+    assert (decayed["weight_decay"], exempt["weight_decay"]) == (2e-4, 0.0)
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in weights}
+    assert sum(p.numel() for p in decayed["params"]) + sum(p.numel() for p in exempt["params"]) \
+        == sum(p.numel() for p in model.parameters())

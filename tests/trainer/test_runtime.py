@@ -68,17 +68,6 @@ def test_compiled_model_trains_like_the_eager_one():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_sync_batchnorm_on_cpu_ranks_is_a_clear_config_error():
-    from helpers_nets import tiny_net
-
-    from dist_free.config import ConfigError
-    from dist_free.distributed import DistInfo
-    from dist_free.trainer.runtime import wrap
-    cfg = load_config(None, ["model.sync_bn=true"])
-    with pytest.raises(ConfigError, match="model.sync_bn=true needs CUDA"):
-        wrap(cfg, tiny_net(), DistInfo(rank=0, world_size=2))
-
-
 @pytest.mark.parametrize("name", typing.get_args(MethodName))
 def test_every_method_choice_builds_from_the_config_with_the_options_it_takes(name):
     """Each config choice builds through the checked entry point, and the registry declares
