@@ -402,6 +402,15 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"data.min_area must be in (0, 1], got {cfg.data.min_area}")
     if cfg.optim.label_smoothing >= 1:
         raise ConfigError(f"optim.label_smoothing must be < 1, got {cfg.optim.label_smoothing}")
+    if cfg.optim.label_smoothing and cfg.method.name == "free":
+        raise ConfigError(
+            f"optim.label_smoothing={cfg.optim.label_smoothing} with method.name=free: free "
+            "training's one backward per replay steps both the weights and the perturbation, so "
+            "the perturbation would ascend the smoothed loss, which raises the true logit of every "
+            "image more confident than the smoothed target (a weaker attack, a less robust model); "
+            "keeping the perturbation on the plain loss would take a second backward per replay. "
+            "Set optim.label_smoothing=0 (or train with method.name=pgd or fast, whose attacks "
+            "ascend the plain loss)")
     if not 0 <= cfg.eval.collapse_armed_at <= 1:
         raise ConfigError(f"eval.collapse_armed_at must be in [0, 1], got "
                           f"{cfg.eval.collapse_armed_at}")
