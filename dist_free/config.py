@@ -171,20 +171,27 @@ class Config:
         budget)."""
         return None if self.optim.steps is None else math.ceil(self.optim.steps / self.replays)
 
-    def real_epochs(self, batches_per_epoch: int | None = None) -> int | None:
+    def real_epochs(self, batches_per_epoch: int | None = None, *, epoch: int = 0,
+                    done: int = 0) -> int | None:
         """Real epochs the run trains. An epoch budget: natural-training epochs / replays, rounded
-        up (the paper's 23 for 90 at m=4). A step budget: its minibatches in epochs of
-        `batches_per_epoch`, the last one cut short; None while that is unknown (a checkpoint
-        written before the trainer recorded it)."""
+        up (the paper's 23 for 90 at m=4). A step budget: `epoch` real epochs that took `done`
+        minibatches, then the rest of the budget in epochs of `batches_per_epoch`, the last one
+        cut short. What was done counts, not the epochs: after a resume on another global batch
+        the epochs before it keep the length they had. None while `batches_per_epoch` is unknown
+        (a checkpoint written before the trainer recorded it)."""
         if self.minibatches is None:
             return math.ceil(self.optim.epochs / self.replays)
-        return None if batches_per_epoch is None else math.ceil(self.minibatches / batches_per_epoch)
+        if batches_per_epoch is None:
+            return None
+        return epoch + math.ceil(max(0, self.minibatches - done) / batches_per_epoch)
 
-    def batches_in_epoch(self, epoch: int, batches_per_epoch: int) -> int:
-        """Minibatches of real epoch `epoch`: all of them, except where a step budget ends."""
+    def batches_in_epoch(self, done: int, batches_per_epoch: int) -> int:
+        """Minibatches of a real epoch begun after `done` minibatches of the run: all of them,
+        except where a step budget ends (the budget minus what was done, whatever the length of
+        the epochs that did it)."""
         if self.minibatches is None:
             return batches_per_epoch
-        return max(0, min(batches_per_epoch, self.minibatches - epoch * batches_per_epoch))
+        return max(0, min(batches_per_epoch, self.minibatches - done))
 
     @property
     def replays(self) -> int:
