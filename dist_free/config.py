@@ -171,20 +171,27 @@ class Config:
         budget)."""
         return None if self.optim.steps is None else math.ceil(self.optim.steps / self.replays)
 
-    def real_epochs(self, batches_per_epoch: int | None = None) -> int | None:
+    def real_epochs(self, batches_per_epoch: int | None = None, *, epoch: int = 0,
+                    done: int = 0) -> int | None:
         """Real epochs the run trains. An epoch budget: natural-training epochs / replays, rounded
-        up (the paper's 23 for 90 at m=4). A step budget: its minibatches in epochs of
-        `batches_per_epoch`, the last one cut short; None while that is unknown (a checkpoint
-        written before the trainer recorded it)."""
+        up (the paper's 23 for 90 at m=4). A step budget: `epoch` real epochs that took `done`
+        minibatches, then the rest of the budget in epochs of `batches_per_epoch`, the last one
+        cut short. What was done counts, not the epochs: after a resume on another global batch
+        the epochs before it keep the length they had. None while `batches_per_epoch` is unknown
+        (a checkpoint written before the trainer recorded it)."""
         if self.minibatches is None:
             return math.ceil(self.optim.epochs / self.replays)
-        return None if batches_per_epoch is None else math.ceil(self.minibatches / batches_per_epoch)
+        if batches_per_epoch is None:
+            return None
+        return epoch + math.ceil(max(0, self.minibatches - done) / batches_per_epoch)
 
-    def batches_in_epoch(self, epoch: int, batches_per_epoch: int) -> int:
-        """Minibatches of real epoch `epoch`: all of them, except where a step budget ends."""
+    def batches_in_epoch(self, done: int, batches_per_epoch: int) -> int:
+        """Minibatches of a real epoch begun after `done` minibatches of the run: all of them,
+        except where a step budget ends (the budget minus what was done, whatever the length of
+        the epochs that did it)."""
         if self.minibatches is None:
             return batches_per_epoch
-        return max(0, min(batches_per_epoch, self.minibatches - epoch * batches_per_epoch))
+        return max(0, min(batches_per_epoch, self.minibatches - done))
 
     @property
     def replays(self) -> int:
@@ -402,6 +409,15 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"data.min_area must be in (0, 1], got {cfg.data.min_area}")
     if cfg.optim.label_smoothing >= 1:
         raise ConfigError(f"optim.label_smoothing must be < 1, got {cfg.optim.label_smoothing}")
+    if cfg.optim.label_smoothing and cfg.method.name == "free":
+        raise ConfigError(
+            f"optim.label_smoothing={cfg.optim.label_smoothing} with method.name=free: free "
+            "training's one backward per replay steps both the weights and the perturbation, so "
+            "the perturbation would ascend the smoothed loss, which raises the true logit of every "
+            "image more confident than the smoothed target (a weaker attack, a less robust model); "
+            "keeping the perturbation on the plain loss would take a second backward per replay. "
+            "Set optim.label_smoothing=0 (or train with method.name=pgd or fast, whose attacks "
+            "ascend the plain loss)")
     if not 0 <= cfg.eval.collapse_armed_at <= 1:
         raise ConfigError(f"eval.collapse_armed_at must be in [0, 1], got "
                           f"{cfg.eval.collapse_armed_at}")

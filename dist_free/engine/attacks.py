@@ -12,6 +12,13 @@ or lose their sign). The input gradient comes from a *sum*-reduced cross-entropy
 divide every sample's gradient by the batch size, pushing small gradients below what fp16/bf16
 can represent, while the sign step only needs each sample's direction.
 
+Loss: every attack, in training (PGD-k's and fast-FGSM's inner attacks, free training's
+perturbation step) as in evaluation, ascends `attack_loss`, the plain cross-entropy on the true
+labels, whatever loss the weights train on. A label-smoothed loss would turn the ascent around:
+its gradient in the true logit is p_y - (1 - a + a/K), so once an image's true class is more
+likely than the smoothed target, ascending it *raises* the true logit (the step makes the image
+less adversarial).
+
 Randomness: PGD's random starts come from `generator` when one is given, so an evaluation can
 make them depend only on the batch they attack (see dist_free.evaluation.robust_eval), never on the global
 RNG.
@@ -44,9 +51,15 @@ def _logits(model, x, amp_dtype):
         return model(x.float()).float()
 
 
+def attack_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """What every attack ascends: the plain cross-entropy of fp32 logits on the true labels (see
+    the module docstring: never the training loss, which may be smoothed)."""
+    return F.cross_entropy(logits.float(), labels, reduction=reduction)
+
+
 def _input_grad(model, x, labels, amp_dtype):
     x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(_logits(model, x, amp_dtype), labels, reduction="sum")
+    loss = attack_loss(_logits(model, x, amp_dtype), labels, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x)
     return grad
 

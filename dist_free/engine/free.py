@@ -6,6 +6,14 @@ backward on x_adv = clamp(x + delta, 0, 1); that single backward yields both the
 zero and carries over from one minibatch to the next (the warm start that makes m small replays
 add up to a strong attack). Run total_epochs / m epochs and the cost equals natural training's.
 
+Because that one backward is also the attack's, the loss is the plain cross-entropy
+(`attacks.attack_loss`), with no `loss_fn` to choose. A label-smoothed loss cannot be had at that
+price: its logit gradient is the plain one plus a(onehot - 1/K), which backpropagates through the
+whole network to the input as well as to the weights, so a smoothed weight step beside a plain
+perturbation step needs a second backward through the activations on every replay (no longer
+free), and a smoothed perturbation step ascends toward the smoothed target, not away from the
+true class (attacks.py). So the config refuses optim.label_smoothing with free training.
+
 The perturbation update is `free_update`, a pure function written once as plain tensor code;
 `FreeAdversarialTrainer` is the thin stateful wrapper that owns the buffers and calls it. Run
 eagerly (the CPU) the update writes into preallocated `UpdateWork` buffers: seven element-wise
@@ -27,7 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-from dist_free.engine.step_base import LossFn, StepBase, StepStats, batch_stats
+from dist_free.engine.attacks import attack_loss
+from dist_free.engine.step_base import StepBase, StepStats, batch_stats
 
 
 class UpdateWork(NamedTuple):
@@ -120,13 +129,14 @@ class FreeAdversarialTrainer(StepBase):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, eps: float,
                  replays: int, step_size: float | None = None, amp_dtype: torch.dtype | None = None,
-                 scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None,
+                 scaler: torch.amp.GradScaler | None = None,
                  input_shape: tuple[int, int, int, int] | None = None, fused: bool | str = "auto",
                  grad_clip: float | None = None):
         """input_shape: (max_batch, C, H, W) allocates the perturbation now; otherwise the first
         batch's shape is used. fused: "auto" (compiled kernel on CUDA, eager on CPU), True, False.
         grad_clip bounds the weight step's gradient only, never the perturbation's (x_adv.grad)."""
-        super().__init__(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, loss_fn=loss_fn,
+        # The one backward serves the weights and the attack: its loss is the attack's (above).
+        super().__init__(model, optimizer, amp_dtype=amp_dtype, scaler=scaler, loss_fn=attack_loss,
                          grad_clip=grad_clip)
         if not eps > 0:
             raise ValueError(f"eps must be > 0 (pixel units, e.g. 4/255), got {eps}")

@@ -36,7 +36,9 @@ class NaturalTrainer(StepBase):
 
 
 class _AttackTrainer(StepBase):
-    """Trains on an attack computed fresh for each minibatch (no state carried across batches)."""
+    """Trains on an attack computed fresh for each minibatch (no state carried across batches).
+    The attack ascends the plain cross-entropy (`input_grad`); only the weight step on its result
+    uses `loss_fn`, label-smoothed or not."""
 
     def __init__(self, model, optimizer, *, eps: float, step_size: float, amp_dtype=None,
                  scaler=None, loss_fn: LossFn | None = None, grad_clip: float | None = None):

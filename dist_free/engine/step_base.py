@@ -1,9 +1,15 @@
 """What every training method shares: mixed precision, the optimizer step (with optional gradient
 clipping, dist_free.engine.optim), input checks, stats.
 
-A method (free, natural, PGD, fast-FGSM) subclasses `StepBase` and implements `train_step`. The
-base keeps the hot path free of host-device syncs: statistics stay on the device in a `StepStats`
-and only become Python floats when somebody reads them (the trainer does so every `log_every` steps).
+A method (free, natural, PGD, fast-FGSM) subclasses `StepBase` and implements `train_step`. Two
+losses: the weights step on `loss_fn` (default plain cross-entropy; the trainer passes a
+label-smoothed one when optim.label_smoothing is set), while `input_grad`, the attacks' gradient,
+always differentiates `attacks.attack_loss`, the plain cross-entropy: a smoothed loss would point
+the attack the wrong way for confident images (attacks.py).
+
+The base keeps the hot path free of host-device syncs: statistics stay on the device in a
+`StepStats` and only become Python floats when somebody reads them (the trainer does so every
+`log_every` steps).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from dist_free.engine.attacks import attack_loss
 from dist_free.engine.optim import clip_gradients
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +76,8 @@ class StepBase:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                  loss_fn: LossFn | None = None, grad_clip: float | None = None):
-        """grad_clip: bound on the weight gradient's global L2 norm (dist_free.engine.optim)."""
+        """loss_fn: the weight step's loss (default plain cross-entropy), never an attack's.
+        grad_clip: bound on the weight gradient's global L2 norm (dist_free.engine.optim)."""
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
         if scaler is not None and amp_dtype is None:
@@ -104,10 +112,14 @@ class StepBase:
         check_pixel_range(images)
         self._checked_first_batch = True
 
-    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor):
+    def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits = self.model(images)
+            return self.model(images)
+
+    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor):
+        """Logits and the weight step's loss (`loss_fn`)."""
+        logits = self.forward_logits(images)
         return logits, self.loss_fn(logits.float(), labels)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -133,9 +145,12 @@ class StepBase:
         return logits, loss, self.optimizer_step()
 
     def input_grad(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """dL/d images only: no parameter gradients are accumulated (attack steps)."""
+        """d attack_loss / d images only (the plain cross-entropy, whatever `loss_fn` is): no
+        parameter gradients are accumulated (attack steps)."""
         images = images.detach().requires_grad_(True)
-        _, loss = self.forward_loss(images, labels)
+        # A mean, unlike evaluation's sum: under fp16 the loss scale (up to 2^16) times a sum over
+        # the batch would overflow fp16's gradients; the mean's 1/B is what the scale is for.
+        loss = attack_loss(self.forward_logits(images), labels)
         # Under fp16 the loss scale keeps small input gradients from flushing to zero; a positive
         # factor leaves their sign, the only thing an L-inf step uses, unchanged.
         if self.scaler is not None:

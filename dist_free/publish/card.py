@@ -127,16 +127,23 @@ def training_recipe(state: dict, cfg: Config) -> dict:
     per_rank = cfg.per_rank_batch(world)
     global_batch = per_rank * world
     per_epoch = state.get("batches_per_epoch")    # None: saved before the trainer recorded it
+    epoch = state["epoch"]
+    done = state["global_step"] - state.get("batch_in_epoch", 0) \
+        if state.get("global_step") is not None else epoch * (per_epoch or 0)
     return {"method": cfg.method.name, "replays": cfg.replays, "sgd_steps_budget": o.steps,
             "minibatches_budget": cfg.minibatches,
             "eps": cfg.method.eps if cfg.method.name != "natural" else None,
             # The trainer's rules (Config.real_epochs, trainer/schedule.base_lr): the run's real
+            # epochs, those done as they were and the rest of the budget in the checkpoint's
             # epochs (None: a step budget whose epoch length the checkpoint does not record);
             # optim.epochs only counts without a step budget; lr scales linearly with the batch.
             "epochs_natural": o.epochs if o.steps is None else None,
-            "epochs_real": cfg.real_epochs(per_epoch), "batches_per_epoch": per_epoch,
-            "epochs_completed_real": state["epoch"],
-            "epochs_completed_natural": state["epoch"] * cfg.replays,
+            "epochs_real": cfg.real_epochs(per_epoch, epoch=epoch, done=done),
+            "batches_per_epoch": per_epoch,
+            # the first real epoch of that length (> 0: a resume changed the global batch)
+            "batches_per_epoch_since": state.get("length_since", 0),
+            "epochs_completed_real": epoch,
+            "epochs_completed_natural": epoch * cfg.replays,
             "global_step": state.get("global_step"), "world_size": world,
             "batch_per_rank": per_rank, "global_batch": global_batch,
             "lr": o.lr, "lr_batch": o.lr_batch, "peak_lr": o.lr * global_batch / o.lr_batch,

@@ -120,8 +120,14 @@ def optimizer_text(t: dict) -> str:
 
 def step_budget_text(t: dict) -> str:
     """optim.steps as it ran: SGD steps, minibatches and real epochs (milestones are steps too)."""
-    length = (f"{t['epochs_real']} real epochs of up to {t['batches_per_epoch']} minibatches"
-              if t["epochs_real"] is not None else "real epochs not recorded in the checkpoint")
+    since = t.get("batches_per_epoch_since") or 0
+    if t["epochs_real"] is None:
+        length = "real epochs not recorded in the checkpoint"
+    elif since:
+        length = (f"{t['epochs_real']} real epochs: {since} of another length (a resume changed "
+                  f"the global batch), then up to {t['batches_per_epoch']} minibatches each")
+    else:
+        length = f"{t['epochs_real']} real epochs of up to {t['batches_per_epoch']} minibatches"
     return (f"{t['sgd_steps_budget']} SGD steps counting every replay = "
             f"{t['minibatches_budget']} minibatches x {t['replays']}, {length}; this checkpoint: "
             f"{t['global_step']} minibatches x {t['replays']} = "

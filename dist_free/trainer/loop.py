@@ -29,7 +29,8 @@ def fit(run: Run) -> str:
     is saved) or FAILED (a collapse stopped the run), the status MLflow records."""
     cfg = run.cfg
     log.info("%s training: %s, %d steps/epoch, %d ranks on %s, loader %s, %s", cfg.method.name,
-             schedule.describe(cfg, len(run.train_loader)), len(run.train_loader),
+             schedule.describe(cfg, len(run.train_loader), epoch=run.epoch,
+                               done=run.done_before_epoch), len(run.train_loader),
              run.d.world_size, run.d.device, run.train_loader.kind,
              precision.resolve_amp(cfg.run.amp, run.d.device)[1])
     status = "FAILED"
@@ -51,7 +52,7 @@ def run_epochs(run: Run) -> str:
     cfg = run.cfg
     if run.eval_pending and not evaluate_epoch(run):     # stopped during it last time
         return "KILLED"
-    epochs = cfg.real_epochs(len(run.train_loader))
+    epochs = run.real_epochs()
     while run.epoch < epochs:
         outcome = train_one_epoch(run)
         if outcome == "stopped":
@@ -76,11 +77,10 @@ def train_one_epoch(run: Run) -> str:
     "collapsed" (the probe saw robust accuracy collapse and eval.on_collapse is not warn)."""
     cfg, loader = run.cfg, run.train_loader
     loader.set_epoch(run.epoch, run.start_batch)
-    steps = cfg.batches_in_epoch(run.epoch, len(loader))
+    steps = cfg.batches_in_epoch(run.done_before_epoch, len(loader))
     window = Window(run.d.device)
     # A log line at every log point (run.log_every steps), as the metrics are logged.
-    epochs = cfg.real_epochs(len(loader))
-    progress = Progress(f"epoch {run.epoch + 1}/{epochs}", steps, done=run.start_batch,
+    progress = Progress(f"epoch {run.epoch + 1}/{run.real_epochs()}", steps, done=run.start_batch,
                         enabled=run.d.is_main, mode=cfg.run.progress, log_every_s=0)
     batches = iter(loader)
     probes = validation.probe_points(steps, cfg.eval.probes_per_epoch)
@@ -232,7 +232,7 @@ def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
                  "method": run.method.state_dict(), "rank_states": rank_states, "epoch": run.epoch,
                  "batch_in_epoch": batch_in_epoch, "global_step": run.global_step,
                  # a step budget's length in epochs depends on it: the model card states it
-                 "batches_per_epoch": len(run.train_loader),
+                 "batches_per_epoch": len(run.train_loader), "length_since": run.length_since,
                  "best_metric": run.best_metric, "probe_best": run.guard.best,
                  "eval_pending": eval_pending, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,

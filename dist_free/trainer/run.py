@@ -59,6 +59,8 @@ class Run:
     epoch: int = 0                    # completed epochs
     start_batch: int = 0              # batches already done in `epoch` (after a preemption)
     global_step: int = 0              # minibatches done since the run began
+    length_since: int = 0             # the first real epoch of len(train_loader) minibatches
+                                      # (> 0: a resume changed the global batch)
     best_metric: float = -1.0         # best PGD accuracy on the selection split
     eval_pending: bool = False        # the epoch's checkpoint is saved, its evaluation is not
     guard: validation.CollapseGuard | None = None
@@ -71,6 +73,18 @@ class Run:
     stop_vote: StopVote = field(default_factory=StopVote)
     hooks: Hooks = field(default_factory=Hooks)
     commit: str = field(default_factory=lambda: environment.git_commit()[0])
+
+    @property
+    def done_before_epoch(self) -> int:
+        """Minibatches the run had taken when real epoch `epoch` began: what a step budget counts
+        (Config.batches_in_epoch), whatever the length of the epochs that took them."""
+        return self.global_step - self.start_batch
+
+    def real_epochs(self) -> int:
+        """Real epochs the run trains, the ones done as they were and the rest in this session's
+        epochs (Config.real_epochs)."""
+        return self.cfg.real_epochs(len(self.train_loader), epoch=self.epoch,
+                                    done=self.done_before_epoch)
 
     @classmethod
     def start(cls, cfg: Config, d: DistInfo, hooks: Hooks | None = None) -> Run:
@@ -139,6 +153,9 @@ class Run:
                 f"{str(e).splitlines()[0]}. Use a new run.name to start afresh.") from None
         self.epoch, self.start_batch = state["epoch"], state.get("batch_in_epoch", 0)
         self.global_step = state["global_step"]
+        saved_length = state.get("batches_per_epoch")
+        self.length_since = state.get("length_since", 0) \
+            if saved_length in (None, len(self.train_loader)) else self.epoch
         self.best_metric = state.get("best_metric", state.get("best_pgd", -1.0))
         self.eval_pending = state.get("eval_pending", False)
         self.guard.best = state.get("probe_best", -1.0)
@@ -171,18 +188,20 @@ class Run:
 
 
 def own_rank_state(run: Run, state: dict) -> dict:
-    """This rank's saved method state; on another world size, its share of all ranks' saved
-    state (resume/redeal.py), with the change logged and tagged."""
+    """This rank's saved method state; on another world size or global batch, its share of all
+    ranks' saved state (resume/redeal.py), with the change logged and tagged."""
     saved_world = state.get("world_size", 1)
-    if saved_world == run.d.world_size:
+    before, now = global_batches(run, state)
+    if saved_world == run.d.world_size and before == now:
         return checkpoint.rank_state(state, run.d.rank)
     check_global_batch(run, state)
     saved = [checkpoint.rank_state(state, r) for r in range(saved_world)]
     mine, deal = redeal.redeal(saved, run.d.rank, run.d.world_size,
                                run.cfg.per_rank_batch(run.d.world_size))
     change = (f"{saved_world} -> {run.d.world_size} ranks at epoch {state['epoch']} batch "
-              f"{state.get('batch_in_epoch', 0)} (step {state['global_step']})")
-    log.warning("resuming on another world size, %s: %s", change,
+              f"{state.get('batch_in_epoch', 0)} (step {state['global_step']})"
+              + (f", global batch {before} -> {now}" if before != now else ""))
+    log.warning("resuming on another world size or global batch, %s: %s", change,
                 deal.describe() if deal else "no per-rank state saved")
     if run.d.is_main:
         run.tracker.set_tags({"world_size": str(run.d.world_size), "resume.world_size": change,
@@ -190,20 +209,28 @@ def own_rank_state(run: Run, state: dict) -> dict:
     return mine
 
 
+def global_batches(run: Run, state: dict) -> tuple[int, int]:
+    """The global batch the checkpoint's run trained with, and this run's."""
+    data, saved_world = state["config"]["data"], state.get("world_size", 1)
+    before = data.get("global_batch") or data["batch_size"] * saved_world
+    return before, run.cfg.per_rank_batch(run.d.world_size) * run.d.world_size
+
+
 def check_global_batch(run: Run, state: dict) -> None:
     """Mid-epoch, the remaining batches are the same images only if the global batch is the
     same (pipelines/sharding.py); at an epoch's end a changed one is the config's choice."""
-    data, saved_world = state["config"]["data"], state.get("world_size", 1)
-    before = data.get("global_batch") or data["batch_size"] * saved_world
-    now = run.cfg.per_rank_batch(run.d.world_size) * run.d.world_size
+    saved_world = state.get("world_size", 1)
+    before, now = global_batches(run, state)
     if before == now:
         return
     if state.get("batch_in_epoch", 0):
+        elsewhere = f" or resume on {saved_world} ranks" if saved_world != run.d.world_size else ""
         raise checkpoint.CheckpointError(
             f"this run stopped mid-epoch on {saved_world} ranks with a global batch of {before}; "
             f"on {run.d.world_size} ranks it would be {now}, and the epoch could not go on with "
             f"the same images. Set data.global_batch={before} (then any world size that divides "
-            f"it resumes exactly) or resume on {saved_world} ranks")
-    log.warning("the global batch changes from %d (%d ranks) to %d (%d ranks): data.batch_size "
-                "is per rank; set data.global_batch to keep it", before, saved_world, now,
-                run.d.world_size)
+            f"it resumes exactly){elsewhere}")
+    log.warning("the global batch changes from %d (%d ranks) to %d (%d ranks) at an epoch's end: "
+                "the lr scales with it, a step budget still counts the minibatches done; "
+                "data.batch_size is per rank, set data.global_batch to keep the batch", before,
+                saved_world, now, run.d.world_size)

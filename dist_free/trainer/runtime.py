@@ -83,18 +83,25 @@ def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
 
 
 def loss_fn(cfg: Config):
+    """The weight step's loss: label-smoothed cross-entropy when optim.label_smoothing is set,
+    else None (the methods' plain cross-entropy). Attacks never use it (engine/attacks.py)."""
     smoothing = cfg.optim.label_smoothing
+    if not smoothing:
+        return None
     return lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
 def build_method(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  d: DistInfo, amp_dtype: torch.dtype | None) -> StepBase:
     """The configured training method around the wrapped (DDP/compiled) model, with the options
-    it takes from the config's method section."""
+    it takes from the config's method section. Free training has no loss to choose (its one
+    backward is also its attack's): the config refuses label smoothing for it."""
+    options = method_registry.configured_options(cfg.method)
+    smoothed = loss_fn(cfg)
+    if smoothed is not None:
+        options["loss_fn"] = smoothed
     return methods.build_method(cfg.method.name, wrap(cfg, model, d), optimizer,
-                                amp_dtype=amp_dtype, loss_fn=loss_fn(cfg),
-                                grad_clip=cfg.optim.clip_grad_norm,
-                                **method_registry.configured_options(cfg.method))
+                                amp_dtype=amp_dtype, grad_clip=cfg.optim.clip_grad_norm, **options)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:

@@ -80,11 +80,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # ------------------------------------------------------------------ the budget in words
 
-def describe(cfg: Config, batches_per_epoch: int) -> str:
-    """How long the run trains (the rule: Config.real_epochs), for the log."""
+def describe(cfg: Config, batches_per_epoch: int, epoch: int = 0, done: int = 0) -> str:
+    """How long the run trains (the rule: Config.real_epochs; `epoch` epochs, of `done`
+    minibatches in all, already run), for the log."""
     if cfg.minibatches is None:
         return (f"{cfg.real_epochs()} epochs ({cfg.optim.epochs} natural-training epochs / "
                 f"{cfg.replays} replays)")
+    epochs = cfg.real_epochs(batches_per_epoch, epoch=epoch, done=done)
+    before = f"{epoch} done ({done} minibatches), then " if epoch else ""
     return (f"{cfg.optim.steps} SGD steps counting replays = {cfg.minibatches} minibatches "
-            f"x {cfg.replays} = {cfg.real_epochs(batches_per_epoch)} epochs of up to "
-            f"{batches_per_epoch} minibatches")
+            f"x {cfg.replays} = {epochs} epochs: {before}up to {batches_per_epoch} minibatches "
+            "each")

@@ -22,7 +22,7 @@ MODELS = {
 }
 RECIPE = ["optim.name=adamw", "optim.lr=1e-3", "optim.weight_decay=0.05",
           "optim.schedule=warmup_cosine", "optim.warmup_epochs=1", "optim.warmup_start=0.1",
-          "optim.lr_floor=0.05", "optim.label_smoothing=0.1", "optim.ema=0.99",
+          "optim.lr_floor=0.05", "optim.ema=0.99",
           "optim.clip_grad_norm=5", "eval.holdout=1100", "eval.max_batches=1",
           "eval.probes_per_epoch=0", "run.amp=off"]
 

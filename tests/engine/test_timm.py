@@ -289,7 +289,7 @@ def recipe_args(demo_root, run_dir):
             f"model.name={VIT}", "model.kwargs={img_size: 32, patch_size: 8, depth: 1, "
             "embed_dim: 32, num_heads: 2}", "optim.name=adamw", "optim.lr=2e-3",
             "optim.weight_decay=0.05", "optim.schedule=warmup_cosine", "optim.warmup_epochs=2",
-            "optim.warmup_start=0.1", "optim.lr_floor=0.05", "optim.label_smoothing=0.1",
+            "optim.warmup_start=0.1", "optim.lr_floor=0.05",
             "optim.clip_grad_norm=1.0", "optim.ema=0.99", "optim.epochs=8", "data.batch_size=64",
             "eval.holdout=1100", "eval.max_batches=1", "eval.steps=2", "eval.every=1",
             "eval.probes_per_epoch=0", "run.amp=off", "run.log_every=5", "tracking.enabled=false"]

@@ -154,6 +154,22 @@ def test_a_step_budget_card_states_the_steps_and_epochs_the_run_trained(tmp_path
             "to 19 minibatches; this checkpoint: 270 minibatches x 4 = 1080 SGD steps") in md
 
 
+@pytest.mark.parametrize("epoch, global_step", [(23, 270), (12, 165)])    # the end; best.pt
+def test_a_step_budget_card_counts_the_epochs_before_a_resume_on_another_global_batch(
+        tmp_path, epoch, global_step):
+    """5 epochs of 19 minibatches (95), then resumed at twice the global batch: the other 175 in
+    epochs of 10, the last cut short, 23 real epochs in all (a fresh run of 10 would make 27)."""
+    ckpt = step_budget_checkpoint(tmp_path, batches_per_epoch=10, length_since=5)
+    state = checkpoint.load(ckpt)
+    state.update(epoch=epoch, global_step=global_step)
+    export_checkpoint(checkpoint.save_atomic(state, ckpt), tmp_path / "out")
+    t = json.loads((tmp_path / "out" / "model_card.json").read_text())["training"]
+    assert (t["epochs_real"], t["batches_per_epoch"], t["batches_per_epoch_since"]) == (23, 10, 5)
+    md = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert ("270 minibatches x 4, 23 real epochs: 5 of another length (a resume changed the "
+            "global batch), then up to 10 minibatches each") in md
+
+
 def test_a_step_budget_checkpoint_without_its_epoch_length_still_exports(tmp_path):
     """Checkpoints saved before the trainer recorded batches_per_epoch: the steps are known, the
     epochs the budget made are not, and the card says so."""

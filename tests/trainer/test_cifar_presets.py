@@ -43,8 +43,7 @@ def test_each_preset_is_the_authors_recipe(preset):
     assert cfg.minibatches * m == 80_000                         # every replay counts
     epochs = cfg.real_epochs(BATCHES_PER_EPOCH)
     assert epochs == math.ceil(80_000 / m / BATCHES_PER_EPOCH)
-    assert sum(cfg.batches_in_epoch(e, BATCHES_PER_EPOCH) for e in range(epochs)) \
-        == 80_000 // m
+    assert minibatches_run(cfg, [(BATCHES_PER_EPOCH, None)]) == (80_000 // m, epochs)
     # lr 0.1 -> 0.01 -> 0.001 at SGD steps 40,000 and 60,000 (every m here divides both)
     for minibatch, factor in ((0, 1), (40_000 // m - 1, 1), (40_000 // m, 0.1),
                               (60_000 // m - 1, 0.1), (60_000 // m, 0.01), (80_000 // m - 1, 0.01)):
@@ -53,9 +52,37 @@ def test_each_preset_is_the_authors_recipe(preset):
         assert schedule.lr_at(cfg, 1, 0.0, minibatch) == pytest.approx(0.1 * factor)
 
 
+def minibatches_run(cfg, sessions):
+    """(minibatches, real epochs) a run trains as trainer/loop.py counts them: each session (its
+    minibatches per epoch, the epochs it runs before a stop at an epoch's end, None: to the end)
+    resumes where the one before stopped."""
+    epoch = done = 0
+    for length, epochs_run in sessions:
+        end = cfg.real_epochs(length, epoch=epoch, done=done)
+        if epochs_run is not None:
+            end = min(end, epoch + epochs_run)
+        for epoch in range(epoch, end):
+            done += cfg.batches_in_epoch(done, length)
+        epoch = end
+    return done, epoch
+
+
 def test_free_m8_is_ten_thousand_minibatches():
     cfg = load_config(ROOT / "configs/cifar10/free_m8.yaml")
     assert cfg.method.name == "free" and cfg.replays == 8 and cfg.minibatches == 10_000
+
+
+@pytest.mark.parametrize("first, then", [(382, 191), (191, 382)])
+def test_a_step_budget_resumed_on_another_global_batch_counts_what_was_done(first, then):
+    """free_m8, 10 epochs at one global batch (128 on one GPU: 382 minibatches of the 49,000
+    images), then resumed at another (256 on two: 191), or the other way round: 80,000 SGD steps
+    either way, in 10 epochs and as many more as the rest of the budget takes."""
+    cfg = load_config(ROOT / "configs/cifar10/free_m8.yaml")
+    done, epochs = minibatches_run(cfg, [(first, 10), (then, None)])
+    assert done * cfg.replays == 80_000
+    assert epochs == 10 + math.ceil((10_000 - 10 * first) / then)
+    assert cfg.real_epochs(then, epoch=10, done=10 * first) == epochs
+    assert cfg.real_epochs(then, epoch=epochs, done=10_000) == epochs    # the end stays the end
 
 
 def test_pgd7_takes_seven_steps_of_2_over_255():
