@@ -27,6 +27,7 @@ from train_probe import Probe
 from dist_free import train
 from dist_free.tracking import NullTracker
 from dist_free.trainer import loop
+from dist_free.trainer import run as trainer_run
 
 OUT = Path(os.environ["PROBE_OUT"])
 ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -101,8 +102,9 @@ def patch_start():
         return run
     loop.Run.start = classmethod(instrumented)
     if os.environ.get("PROBE_RECORD_TRACKER"):
-        # build_tracker(enabled, uri, experiment, run_name, run_dir, rank, ...), as loop.py calls it
-        loop.build_tracker = lambda *a, **kw: Recorder() if a[5] == 0 else NullTracker()
+        # build_tracker(enabled, uri, experiment, run_name, run_dir, rank, ...), as Run.start
+        # (trainer/run.py) calls it
+        trainer_run.build_tracker = lambda *a, **kw: Recorder() if a[5] == 0 else NullTracker()
 
 
 if __name__ == "__main__":
