@@ -46,7 +46,7 @@ def target(y, smoothing):
 
 
 def logit_grad(model, x, y, smoothing):
-    """d loss / d z per image, in closed form (sum over the batch: a positive scale only)."""
+    """d loss / d z of each image, in closed form (the batch mean only scales it)."""
     with torch.no_grad():
         return model(x).softmax(1) - target(y, smoothing)
 
