@@ -241,3 +241,11 @@ def test_every_registered_method_is_built_by_the_engine():
     outside = {n: m.builder for n, m in METHODS.items()
                if layer_of(m.builder.split(":")[0]) != "engine"}
     assert not outside, f"methods built outside the engine: {outside}"
+
+
+def test_no_two_test_files_share_a_basename():
+    """pytest imports test files by basename (rootdir mode, no __init__.py): two tests/*/x.py
+    abort collection of the whole suite, which is how CI failed on 26's landing."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
