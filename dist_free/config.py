@@ -66,6 +66,20 @@ class DataConfig:
     format: DataFormat = "auto"      # auto: CIFAR folders are recognised from their files
     pad: int = 4                     # resident (CIFAR) loader: zero padding per side before
                                      # the random 32x32 crop
+    # Strong augmentation, in timm's vocabulary (README "Augmentation"). A policy string runs
+    # in the loader on each training image after its crop and flip (pipelines/augment_policy.py):
+    auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (RandAugment), ta_wide
+    # On the device batch, once per minibatch before the method's step
+    # (dist_free/engine/batch_augment.py), with every loader:
+    mixup: float = 0.0               # mixup's Beta(alpha, alpha) alpha; 0: no mixup
+    cutmix: float = 0.0              # cutmix's Beta(alpha, alpha) alpha; 0: no cutmix
+    mixup_prob: float = 1.0          # probability that a minibatch is mixed (mixup or cutmix)
+    mixup_switch_prob: float = 0.5   # with both on: probability that a mixed batch is cutmix
+    mixup_off_epoch: float = 0.0     # no mixing from this natural-training epoch on; 0: never
+    reprob: float = 0.0              # random erasing: probability per image of one erased box
+    remode: Literal["pixel"] = "pixel"   # erased pixels: uniform noise in [0, 1] per pixel and
+                                     # channel (timm's pixel mode, in pixel units: see
+                                     # batch_augment.py)
 
 
 @dataclass(frozen=True)
@@ -224,7 +238,10 @@ POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.v
             "eval.probe_steps", "optim.clip_grad_norm", "optim.steps"}
 NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "optim.label_smoothing", "optim.gamma", "run.seed", "eval.holdout",
-                "eval.probes_per_epoch", "optim.warmup_start", "optim.lr_floor", "data.pad"}
+                "eval.probes_per_epoch", "optim.warmup_start", "optim.lr_floor", "data.pad",
+                "data.mixup", "data.cutmix", "data.mixup_off_epoch"}
+# Probabilities: each must lie in [0, 1].
+PROBABILITIES = ("data.mixup_prob", "data.mixup_switch_prob", "data.reprob")
 
 
 # What a resume may be told to accept (dist_free/trainer/resume/data_guard.py compares them).
@@ -405,6 +422,9 @@ def _validate(cfg: Config) -> Config:
     if cfg.data.image_size > cfg.data.val_resize:
         raise ConfigError(f"data.image_size ({cfg.data.image_size}) must not exceed "
                           f"data.val_resize ({cfg.data.val_resize}): val crops from the resized image")
+    for key in PROBABILITIES:
+        if not 0 <= flat[key] <= 1:
+            raise ConfigError(f"{key} is a probability in [0, 1], got {flat[key]}")
     if not 0 < cfg.data.min_area <= 1:
         raise ConfigError(f"data.min_area must be in (0, 1], got {cfg.data.min_area}")
     if cfg.optim.label_smoothing >= 1:

@@ -27,7 +27,7 @@ import pipelines
 from dist_free import checkpoint, distributed
 from dist_free.config import ConfigError, load_config
 from dist_free.tracking.uri import TrackingConfigError, check_uri
-from dist_free.trainer import runtime
+from dist_free.trainer import augmentation, runtime
 from dist_free.trainer.loop import fit
 from dist_free.trainer.run import Hooks, Run
 from dist_free.trainer.stops import job_stop
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)   # before any process-group work
         runtime.check_model(cfg)                          # a timm name/argument timm lacks
+        augmentation.check_policy(cfg)                    # data.auto_augment's string
         if cfg.tracking.enabled:     # a password must not reach config.yaml, params or logs
             check_uri(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
     except ConfigError as e:

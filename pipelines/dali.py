@@ -16,6 +16,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .crash_notes import clear_note, note_in_flight
+from .dali_augment import apply_policy
 from .errors import DataError
 from .loader import Augment, ShardedLoader
 from .verify import FATAL, check_file
@@ -50,6 +51,7 @@ def image_pipeline(files, labels, train: bool, augment: Augment, gpu: bool, dtyp
             jpegs, device=decoder, output_type=types.RGB, random_area=[augment.min_area, 1.0],
             random_aspect_ratio=list(augment.aspect), num_attempts=100, **hw)
         images = fn.resize(images, device=device, resize_x=size, resize_y=size)
+        images = apply_policy(images, augment.policy, size)   # data.auto_augment, if any
         mirror = fn.random.coin_flip(probability=0.5)
         images = crop_and_layout(images, dtype, channels_last, device, mirror=mirror)
     else:
@@ -78,7 +80,7 @@ class DaliLoader(ShardedLoader):
             [str(f) for f in files], list(labels), self.split == "train", self.augment, self.gpu,
             dtype, self.format.channels_last, batch_size=self.batch_size,
             num_threads=self.num_threads, device_id=device_id, seed=self.augment_seed(),
-            prefetch_queue_depth=PREFETCH)
+            prefetch_queue_depth=PREFETCH, enable_conditionals=self.augment.policy is not None)
         # prepare_first_batch=False: otherwise a bad first file fails inside the constructor.
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
                                    last_batch_policy=LastBatchPolicy.PARTIAL,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import cifar
+from .augment_policy import PolicyError, RandAugment, parse_policy
 from .crash_notes import check_crash_note
 from .errors import DataError
 from .loader import Augment, BatchFormat
@@ -61,7 +62,7 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
                  dtype=torch.float32, channels_last=False, num_threads=None, num_classes=None,
                  class_to_idx=None, holdout: int = 0, subset: int | None = None,
                  whole_batches: bool = False, crash_note: Path | None = None,
-                 data_format: str = "auto", pad: int = 4):
+                 data_format: str = "auto", pad: int = 4, auto_augment: str | None = None):
     """A loader of this rank's batches of ROOT's split; see the package docstring.
 
     crash_note: where a DALI loader notes the files in flight, so that a decoder crash (a
@@ -69,6 +70,8 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
     last run is checked here first. Other loaders raise errors naming the file and need none.
     data_format / pad: a CIFAR root (see cifar.py) is read by the device-resident loader
     (resident.py), which pads each side by `pad` pixels before its random crop.
+    auto_augment: a policy string (augment_policy.py) for the training split's images, after
+    the crop and flip (the other splits are never augmented).
     """
     device = torch.device(device)
     found = cifar.find(root, data_format) if kind != "synthetic" else None
@@ -78,7 +81,8 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     check_selection(split, holdout, subset)
-    augment = Augment(image_size, val_resize, min_area)
+    policy = train_policy(kind, split, auto_augment)
+    augment = Augment(image_size, val_resize, min_area, policy=policy)
     fmt = BatchFormat(device, dtype, channels_last)
     common = dict(rank=rank, world_size=world_size, seed=seed, augment=augment, fmt=fmt)
     if kind == "synthetic":
@@ -99,6 +103,32 @@ def build_loader(kind, root, split, *, batch_size, image_size=224, val_resize=25
         crash_note.parent.mkdir(parents=True, exist_ok=True)
     return DaliLoader(listing, split, batch_size, gpu=kind == "dali-gpu", num_threads=threads,
                       crash_note=crash_note, **common)
+
+
+def train_policy(kind: str, split: str, text: str | None):
+    """The parsed policy for a training split, or a DataError where this loader cannot run it."""
+    try:
+        policy = parse_policy(text) if split == "train" else None
+    except PolicyError as e:
+        raise DataError(f"auto_augment: {e}") from None
+    if policy is None:
+        return None
+    if kind == "resident":
+        raise DataError(
+            f"auto_augment={text!r}: the resident loader cannot run it. RandAugment and "
+            "TrivialAugment draw an op and a magnitude per image, and torchvision's tensor ops "
+            "apply one op to a whole batch, so on the device-resident batch they would take a "
+            "Python loop over the images, which this loader does not run. Use mixup, cutmix "
+            "and reprob (applied to the device batch with every loader), or train from an "
+            "image folder with loader torchvision, dali-cpu or dali-gpu")
+    if kind == "synthetic":
+        raise DataError(f"auto_augment={text!r}: the synthetic loader has no images to augment")
+    if kind == "torchvision" and isinstance(policy, RandAugment) and not policy.increasing:
+        raise DataError(
+            f"auto_augment={text!r}: inc0 (timm's default: posterize, solarize and the enhance "
+            "ops not growing stronger with m) has no torchvision suite; write inc1, or use "
+            "loader dali-cpu or dali-gpu (DALI's non-monotonic suite)")
+    return policy
 
 
 def resident_kind(kind: str, found, root) -> str:

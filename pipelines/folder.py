@@ -1,8 +1,8 @@
 """The torchvision DataLoader path, for hosts without DALI: the same shard, crops and contract.
 
-Each sample's random crop and flip come from a generator seeded by (loader seed, epoch, rank,
-position in the shard), so the order *and* the augmentation repeat for a seed regardless of
-how many worker processes decode.
+Each sample's random crop, flip and policy ops (data.auto_augment, torchvision_augment.py) come
+from a generator seeded by (loader seed, epoch, rank, position in the shard), so the order *and*
+the augmentation repeat for a seed regardless of how many worker processes decode.
 
 A file that cannot be decoded ends the epoch with a one-line DataError naming it. The error
 travels from the worker as a value, not an exception: DataLoader re-raises a worker's exception
@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 
 from .errors import DataError
 from .loader import Augment, ShardedLoader
+from .torchvision_augment import policy_transform
 from .verify import Refused, decode, said
 
 VERIFY_HINT = "Run `python -m dist_free.data verify ROOT` to list every bad file."
@@ -84,11 +85,13 @@ def val_transform(augment: Augment):
 
 
 def train_transform(augment: Augment):
+    policy = policy_transform(augment.policy)      # data.auto_augment, on the uint8 crop
     return v2.Compose([
         v2.PILToTensor(),
         v2.RandomResizedCrop(augment.image_size, scale=(augment.min_area, 1.0),
                              ratio=augment.aspect, antialias=True),
-        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)])
+        v2.RandomHorizontalFlip(), *([policy] if policy is not None else []),
+        v2.ToDtype(torch.float32, scale=True)])
 
 
 class ShardDataset(Dataset):

@@ -6,18 +6,21 @@ from dataclasses import dataclass
 
 import torch
 
+from .augment_policy import Policy
 from .datasets import Listing
 from .sharding import check_rank, num_batches, train_shard, val_shard
 
 
 @dataclass(frozen=True)
 class Augment:
-    """Geometry of both pipelines (paper / torchvision reference values by default)."""
+    """Geometry of both pipelines (paper / torchvision reference values by default), and the
+    training images' augmentation policy (augment_policy.py; None: crops and flips only)."""
 
     image_size: int = 224
     val_resize: int = 256
     min_area: float = 0.08
     aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    policy: Policy | None = None
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,9 @@ def _logits(model, x, amp_dtype):
 
 def attack_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """What every attack ascends: the plain cross-entropy of fp32 logits on the true labels (see
-    the module docstring: never the training loss, which may be smoothed)."""
+    the module docstring: never the training loss, which may be smoothed). For a mixed batch the
+    labels are its unsmoothed soft targets, whose cross-entropy this is too (why those and not
+    the dominant label: dist_free.engine.batch_augment)."""
     return F.cross_entropy(logits.float(), labels, reduction=reduction)
 
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from dist_free.engine.attacks import attack_loss
-from dist_free.engine.step_base import StepBase, StepStats, batch_stats
+from dist_free.engine.step_base import StepBase, StepStats, batch_stats, true_classes
 
 
 class UpdateWork(NamedTuple):
@@ -210,6 +210,7 @@ class FreeAdversarialTrainer(StepBase):
             torch.add(images, delta, out=x_adv_buf).clamp_(0.0, 1.0)     # linf.perturb, in place
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        classes = true_classes(labels)
         for replay in range(self.replays):
             # A fresh leaf over the reused storage; autograd hands us its gradient.
             x_adv = x_adv_buf.detach().requires_grad_(True)
@@ -222,7 +223,7 @@ class FreeAdversarialTrainer(StepBase):
                              eps=self.eps, step_size=self.step_size, x_adv=x_adv_buf,
                              next_input=not last, work=work)
                 loss_sum += loss.detach()
-                correct += (logits.argmax(1) == labels).sum()
+                correct += (logits.argmax(1) == classes).sum()
         return batch_stats(loss_sum, correct, self.replays, b)
 
     def state_dict(self) -> dict:

@@ -19,11 +19,11 @@ import torch
 
 from dist_free.engine import linf, method_registry
 from dist_free.engine.attacks import default_step_size, pgd_perturbation
-from dist_free.engine.step_base import LossFn, StepBase, StepStats, batch_stats
+from dist_free.engine.step_base import LossFn, StepBase, StepStats, batch_stats, true_classes
 
 
 def _count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(1) == labels).sum()
+    return (logits.argmax(1) == true_classes(labels)).sum()
 
 
 class NaturalTrainer(StepBase):

@@ -5,7 +5,9 @@ A method (free, natural, PGD, fast-FGSM) subclasses `StepBase` and implements `t
 losses: the weights step on `loss_fn` (default plain cross-entropy; the trainer passes a
 label-smoothed one when optim.label_smoothing is set), while `input_grad`, the attacks' gradient,
 always differentiates `attacks.attack_loss`, the plain cross-entropy: a smoothed loss would point
-the attack the wrong way for confident images (attacks.py).
+the attack the wrong way for confident images (attacks.py). Labels are class indices, or the soft
+(B, K) targets of a mixed batch (dist_free.engine.batch_augment), which both losses take as they
+are (torch's cross-entropy reads probability targets).
 
 The base keeps the hot path free of host-device syncs: statistics stay on the device in a
 `StepStats` and only become Python floats when somebody reads them (the trainer does so every
@@ -103,12 +105,13 @@ class StepBase:
         self._no_inf = torch.zeros((), device=self.device)
 
     def check_first_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Validate the first batch only: one sync at start-up, none per step."""
+        """Validate the first batch only: one sync at start-up, none per step. Labels are class
+        indices (B,) or soft targets (B, K), the rows of a mixed batch (batch_augment.py)."""
         if self._checked_first_batch:
             return
-        if images.dim() != 4 or labels.shape != images.shape[:1]:
-            raise ValueError(f"expected images (B, C, H, W) and labels (B,), got {tuple(images.shape)} "
-                             f"and {tuple(labels.shape)}")
+        if images.dim() != 4 or labels.shape[:1] != images.shape[:1] or labels.dim() > 2:
+            raise ValueError(f"expected images (B, C, H, W) and labels (B,) or (B, K), got "
+                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
         check_pixel_range(images)
         self._checked_first_batch = True
 
@@ -175,6 +178,12 @@ class StepBase:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
         raise NotImplementedError
+
+
+def true_classes(labels: torch.Tensor) -> torch.Tensor:
+    """The class each image's accuracy is counted against: its label, or for a soft target (a
+    mixed batch) the class with the largest share."""
+    return labels if labels.dim() == 1 else labels.argmax(1)
 
 
 def batch_stats(loss_sum: torch.Tensor, correct: torch.Tensor, passes: int, batch: int) -> StepStats:

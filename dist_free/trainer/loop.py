@@ -18,7 +18,7 @@ import torch
 from dist_free import checkpoint, distributed, environment, precision
 from dist_free.progress import Progress
 from dist_free.publish.export import export_checkpoint
-from dist_free.trainer import schedule, validation
+from dist_free.trainer import augmentation, schedule, validation
 from dist_free.trainer.run import Run
 
 log = logging.getLogger("dist_free.train")
@@ -84,8 +84,11 @@ def train_one_epoch(run: Run) -> str:
                         enabled=run.d.is_main, mode=cfg.run.progress, log_every_s=0)
     batches = iter(loader)
     probes = validation.probe_points(steps, cfg.eval.probes_per_epoch)
+    augment = augmentation.build(cfg, run.d)        # data.mixup/cutmix/reprob; None: none
     for i in range(run.start_batch, steps):
         images, labels = window.wait_for(batches)
+        if augment is not None:     # once per minibatch: every replay sees the same batch
+            images, labels = augment(images, labels, run.epoch, i, len(loader))
         lr = schedule.lr_at(cfg, run.d.world_size, run.epoch + i / steps, run.global_step)
         schedule.set_lr(run.optimizer, lr)
         window.add(run.method.train_step(images, labels), images.shape[0])

@@ -37,7 +37,8 @@ def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None
         world_size=d.world_size, seed=cfg.run.seed, device=d.device,
         dtype=precision.loader_dtype(d.device), channels_last=cfg.model.channels_last,
         num_threads=data.threads, num_classes=cfg.model.num_classes, class_to_idx=class_to_idx,
-        holdout=cfg.eval.holdout, data_format=data.format, pad=data.pad, **options)
+        holdout=cfg.eval.holdout, data_format=data.format, pad=data.pad,
+        auto_augment=data.auto_augment, **options)
 
 
 def build_bare_model(cfg: Config, device: torch.device) -> torch.nn.Module:
