@@ -6,12 +6,12 @@ ranges: 31 magnitude bins, translations up to 32 pixels).
 
 RandAugment follows timm's semantics (augment_policy.py), which DALI's `rand_augment` does not
 have in full: it applies every chosen op at one fixed magnitude. So each of the n layers is
-built here from DALI's public parts: an op drawn uniformly from DALI's RandAugment suite
+built here from DALI's public parts: an op drawn from DALI's RandAugment suite
 (`get_rand_augment_suite` for inc1, `get_rand_augment_non_monotonic_suite` for inc0; translations
-up to 0.45 of the image as timm's), applied with probability p through a DALI conditional, at a
-per-image magnitude bin m (+ Gaussian noise of std mstd, or uniform in [0, m]), clipped to
-[0, 10] as timm clips it and signed at random for the ops that take a sign (`signed_bin`), then
-dispatched with `select`. DALI's conditionals need `enable_conditionals=True` on the pipeline.
+up to 0.45 of the image as timm's) with probability p (else none), at a per-image magnitude bin
+of m (+ Gaussian noise of std mstd, or uniform in [0, m]) clipped to [0, 10] as timm clips it,
+signed at random for the ops that take a sign (`signed_bin`), and dispatched with `select`, whose
+conditionals need `enable_conditionals=True` on the pipeline.
 
 All draws come from DALI's random operators, seeded by the pipeline's seed: a seed repeats them.
 """
@@ -22,7 +22,7 @@ import math
 
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
-from nvidia.dali.auto_aug import rand_augment, trivial_augment
+from nvidia.dali.auto_aug import augmentations, rand_augment, trivial_augment
 from nvidia.dali.auto_aug.core import select, signed_bin
 
 from .augment_policy import BINS_PER_UNIT, MAGNITUDE_BINS, MAX_MAGNITUDE, Policy, RandAugment
@@ -47,18 +47,15 @@ def apply_policy(images, policy: Policy | None, image_size: int):
 
 
 def rand_augment_layer(images, suite, policy: RandAugment, shape):
-    """One of timm's RandAugment layers: a uniform op of `suite`, applied with probability p."""
-    op = fn.random.uniform(values=list(range(len(suite))), dtype=types.INT32)
-    magnitude = signed_bin(magnitude_bin(policy))
-
-    def chosen(images):
-        return select(suite, op, images, magnitude_bin=magnitude,
-                      num_magnitude_bins=MAGNITUDE_BINS, shape=shape, fill_value=FILL)
-    if policy.prob >= 1:
-        return chosen(images)
-    if fn.random.coin_flip(probability=policy.prob):
-        images = chosen(images)
-    return images
+    """One of timm's RandAugment layers: with probability p an op drawn uniformly from `suite`,
+    else none. The skip is one more outcome of the op draw (an identity after the suite, of
+    weight 1 - p), not a conditional around the draw: nesting `select`'s conditionals inside
+    another made the graph take seconds longer to define (DALI's AutoGraph)."""
+    ops = [*suite, augmentations.identity]
+    weights = [policy.prob / len(suite)] * len(suite) + [1.0 - policy.prob]
+    op = fn.random.choice(len(ops), p=weights)
+    return select(ops, op, images, magnitude_bin=signed_bin(magnitude_bin(policy)),
+                  num_magnitude_bins=MAGNITUDE_BINS, shape=shape, fill_value=FILL)
 
 
 def magnitude_bin(policy: RandAugment):
