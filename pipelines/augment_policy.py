@@ -35,8 +35,9 @@ TRIVIAL_NAMES = ("ta_wide", "trivialaugment")
 SECTIONS = ("m", "n", "p", "mstd", "inc")
 # Both loaders draw a magnitude on a grid of MAGNITUDE_BINS levels, 1/BINS_PER_UNIT of timm's m
 # apart (timm's noisy magnitude is continuous; m itself is always on the grid). Coarse because
-# DALI computes every op's parameter for every bin while it defines the graph: on this project's
-# 2-core CPU host, a grid of tenths made a noisy RandAugment graph take 19 s to define, halves 5-8.
+# DALI computes every op's parameter for every bin while it defines the graph: a grid of tenths
+# made a noisy RandAugment graph about three times slower to define than halves (DALI's CPU
+# backend on a loaded 2-core host).
 BINS_PER_UNIT = 2
 MAGNITUDE_BINS = MAX_MAGNITUDE * BINS_PER_UNIT + 1
 
