@@ -16,6 +16,7 @@ import time
 import torch
 
 from dist_free import checkpoint, distributed, environment, precision
+from dist_free.engine import method_registry
 from dist_free.progress import Progress
 from dist_free.publish.export import export_checkpoint
 from dist_free.trainer import schedule, validation
@@ -95,7 +96,8 @@ def train_one_epoch(run: Run) -> str:
         # Every rank learns of a stop one step after it was asked, not at the next log point.
         stop = run.stop_vote.poll(run.preemption.requested)
         if stop or run.global_step % cfg.run.log_every == 0 or i + 1 == steps:
-            metrics, stop = window.close(run.preemption.requested, cfg.replays)
+            metrics, stop = window.close(run.preemption.requested,
+                                         cfg.replays * method_registry.passes_per_step(cfg.method))
             metrics["train/lr"] = lr
             run.log_metrics(metrics, run.global_step)
             progress.update(i + 1, progress_text(metrics))
@@ -176,14 +178,15 @@ class Window:
         self.sums += torch.stack([s["loss"] * n, s["acc"] * n])
         self.count += n
 
-    def close(self, stop_requested: bool, replays: int) -> tuple[dict, bool]:
-        """One all-reduce (and so one sync) per window: metric sums plus the stop flag."""
+    def close(self, stop_requested: bool, passes: int) -> tuple[dict, bool]:
+        """One all-reduce (and so one sync) per window: metric sums plus the stop flag. passes:
+        forward/backward passes per minibatch (free's replays; PGD-k's k + 1)."""
         host = torch.tensor([float(self.count), float(stop_requested)], device=self.device)
         totals = distributed.all_reduce_sum(torch.cat([self.sums, host])).tolist()
         loss, correct, n, stops = totals
         elapsed = time.perf_counter() - self.started
         metrics = {"train/loss": loss / n, "train/adv_acc": correct / n,
-                   "perf/images_per_s": n / elapsed, "perf/passes_per_s": n * replays / elapsed,
+                   "perf/images_per_s": n / elapsed, "perf/passes_per_s": n * passes / elapsed,
                    "perf/data_wait_frac": min(self.waited / elapsed, 1.0),
                    "perf/peak_mem_gb": environment.peak_memory_bytes(self.device) / 2**30}
         self.reset()
