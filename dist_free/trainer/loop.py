@@ -16,6 +16,7 @@ import time
 import torch
 
 from dist_free import checkpoint, distributed, environment, precision
+from dist_free.config import SELECTION_FIGURES
 from dist_free.engine import method_registry
 from dist_free.progress import Progress
 from dist_free.publish.export import export_checkpoint
@@ -203,10 +204,10 @@ def evaluate_epoch(run: Run) -> bool:
                     run.preemption.signal_name or "request", run.epoch)
         return False
     log.info("epoch %d eval: val clean top-1 %.2f%%, PGD-%dx%d %.2f%% (eps %.4f, %s, %d images); "
-             "best.pt selected on %s: PGD %.2f%%", run.epoch, 100 * report["top1"],
+             "best.pt selected on %s by %s: %.2f%%", run.epoch, 100 * report["top1"],
              report["pgd_steps"], report["pgd_restarts"], 100 * report["pgd"], report["eps"],
              report["dtype"], report["samples"], report["selected_on"],
-             100 * report["selection_metric"])
+             SELECTION_FIGURES[report["selected_by"]], 100 * report["selection_metric"])
     metrics = {"eval/top1": report["top1"], "eval/top5": report["top5"],
                "eval/pgd_top1": report["pgd"], "eval/epoch": run.epoch}
     if report["holdout"]:
