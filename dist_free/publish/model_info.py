@@ -5,11 +5,11 @@ model>/<Name>.json: link, name, authors, additional_data, number_forward_passes,
 architecture, eps, clean_acc, reported, footnote, autoattack_acc, unreliable, with accuracies
 as percent strings like "86.11"). This writes exactly those keys from the model card: dataset
 from the data's class count, image size and class names, additional_data false (the trainer
-reads one dataset), null what only the authors can say (link, name, authors, venue), the
-figures' basis (images, subset, protocol, weights) in footnote, and unreliable when the report
-flagged gradient masking; the rest stays in the card. Accuracies come only from a standalone
-evaluation (`python -m dist_free.evaluate`, exported with --report); an in-training PGD figure
-is never written as clean_acc or autoattack_acc.
+reads one dataset) unless the run started from model.init's weights, null what only the
+authors can say (link, name, authors, venue), the figures' basis (images, subset, protocol,
+weights) in footnote, and unreliable when the report flagged gradient masking; the rest stays
+in the card. Accuracies come only from a standalone evaluation (`python -m dist_free.evaluate`,
+exported with --report); an in-training PGD figure is never written as clean_acc or autoattack_acc.
 """
 
 from __future__ import annotations
@@ -70,16 +70,25 @@ def dataset(card: dict) -> str | None:
     return "imagenet" if n == 1000 else None
 
 
-def footnote(ev: dict, weights: str) -> str | None:
+def started_from(card: dict) -> str | None:
+    """The file the run's weights started from (model.init), or None: a fresh start."""
+    config = (card.get("training") or {}).get("config") or {}
+    return (config.get("model") or {}).get("init")
+
+
+def footnote(ev: dict, weights: str, init: str | None = None) -> str | None:
     """What the figures rest on, in RobustBench's one free-text field."""
+    origin = "" if init is None else (
+        f" Started from the weights in {init} (model.init), whose training data this export "
+        "cannot tell: additional_data is true.")
     if ev.get("source") != "report":
         return ("No standalone evaluation was exported with this model: run python -m "
-                "dist_free.evaluate --attack autoattack and export with --report.")
+                "dist_free.evaluate --attack autoattack and export with --report." + origin)
     s = ev.get("subset")
     images = f"{ev.get('images')} val images" + (f" (fixed subset, sha256 {s.get('files_sha256')})"
                                                  if s else "")
     named = f", protocol {ev['protocol']}" if ev.get("protocol") else ""
-    return f"python -m dist_free.evaluate on {images}{named}; {weights} weights."
+    return f"python -m dist_free.evaluate on {images}{named}; {weights} weights." + origin
 
 
 def robustbench_info(card: dict) -> dict:
@@ -89,15 +98,18 @@ def robustbench_info(card: dict) -> dict:
     aa = autoattack_result(ev) if final else None
     clean = (ev.get("clean") or {}).get("top1") if final else None
     gm = ev.get("gradient_masking") if final else None
+    init = started_from(card)
     return {
         "link": None, "name": None, "authors": None,
-        "additional_data": False, "number_forward_passes": 1,
+        # A fresh start saw only the one dataset the trainer reads; weights from model.init may
+        # have seen others (pretraining), so they count as additional data.
+        "additional_data": init is not None, "number_forward_passes": 1,
         "dataset": dataset(card), "venue": None,
         "architecture": card["architecture"],
         "eps": eps_fraction(aa["eps"] if aa else threat["eval_eps"]),
         "clean_acc": percent(clean),
         "reported": percent(aa["robust_top1"]) if aa else None,
-        "footnote": footnote(ev, card["weights"].get("source", "model")),
+        "footnote": footnote(ev, card["weights"].get("source", "model"), init),
         "autoattack_acc": percent(aa["robust_top1"]) if aa else None,
         "unreliable": bool(isinstance(gm, dict) and gm.get("flagged")),
     }

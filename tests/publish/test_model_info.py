@@ -79,3 +79,17 @@ def test_cifar100s_class_names_name_it():
     assert len(names) == 100 and names[:3] == ["apple", "aquarium_fish", "baby"]
     with_names = {**card(100, 32, REPORT), "class_to_idx": {c: i for i, c in enumerate(names)}}
     assert robustbench_info(with_names)["dataset"] == "cifar100"
+
+
+@pytest.mark.parametrize("evaluation", [REPORT, {"source": "in_training"}], ids=["report", "none"])
+def test_weights_started_from_model_init_count_as_additional_data(evaluation):
+    """A fresh start saw only the trained-on dataset; model.init's weights (a pretrained net) may
+    have seen others, which RobustBench's additional_data is for."""
+    fresh = robustbench_info(card(10, 32, evaluation))
+    assert fresh["additional_data"] is False
+    started = {**card(10, 32, evaluation),
+               "training": {"config": {"model": {"init": "in21k_convnext.safetensors"}}}}
+    info = robustbench_info(started)
+    check_layout(info)
+    assert info["additional_data"] is True
+    assert "in21k_convnext.safetensors" in info["footnote"] and "model.init" in info["footnote"]
