@@ -12,7 +12,9 @@ checkpoint's own eval eps). The settings are the authors' own evaluation code's:
                         [(10, 1/255), (50, 1/255)] and lib/validation.py (one uniform random start
                         in the eps-ball), at the training eps clip_eps: the checkpoint's 2 or 4/255.
 
-Both are evaluated on the last checkpoint in the paper (the authors' code keeps no best epoch).
+Both attack the last checkpoint, as the authors' code does: free_train.py keeps only the latest
+(tf.train.Saver(max_to_keep=1)); main_free.py runs its PGD attacks on the final model at the end
+of training, though it also saves a model_best chosen by clean top-1.
 """
 
 from __future__ import annotations
