@@ -132,6 +132,9 @@ class EvalConfig:
                                      # input gradients underflow and flatter the model
     holdout: int = 0                 # training images held out (never trained on); best.pt is
                                      # selected on them, val only reports. 0: select on val
+    select_on: Literal["robust", "clean"] = "robust"   # the figure of that split best.pt keeps
+                                     # the best epoch of: robust = PGD accuracy (ours); clean =
+                                     # clean top-1, as the authors' ImageNet model_best
     probes_per_epoch: int = 0        # cheap PGD probes on held-out batches within each epoch
     probe_batches: int = 2           # batches per rank per probe
     probe_steps: int = 5             # PGD steps of a probe
@@ -242,6 +245,10 @@ NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "data.mixup", "data.cutmix", "data.mixup_off_epoch"}
 # Probabilities: each must lie in [0, 1].
 PROBABILITIES = ("data.mixup_prob", "data.mixup_switch_prob", "data.reprob")
+
+
+# eval.select_on's figures, as the log, the checkpoint's report and the model card name them.
+SELECTION_FIGURES = {"robust": "PGD accuracy", "clean": "clean top-1"}
 
 
 # What a resume may be told to accept (dist_free/trainer/resume/data_guard.py compares them).

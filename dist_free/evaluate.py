@@ -16,7 +16,8 @@ Protocol (the defaults are the final-report protocol, not the run's in-training 
                        (steps, restarts, step size) at its eps, all in one call, one report row
                        each, the name in the report. It fixes --attack, --eps, --steps,
                        --restarts and --step-size: giving any of them with it is an error (exit 2).
-                       shafahi2019-cifar: PGD-20 x 10 restarts and PGD-100, step 2/255, eps 8/255.
+                       shafahi2019-cifar: PGD-20 x 10 restarts (CIFAR-10's table), PGD-20 (one
+                       start, CIFAR-100's) and PGD-100, step 2/255, eps 8/255.
                        shafahi2019-imagenet: PGD-10 and PGD-50, step 1/255, one random start, at
                        the checkpoint's eval eps.
   eps                  the run's eval eps unless --eps gives a list; eps 0 is clean accuracy.

@@ -15,14 +15,19 @@ from dataclasses import dataclass
 class MethodSpec:
     options: tuple[str, ...]     # the method-section keys (dist_free.config.MethodConfig) it takes
     builder: str                 # "module:Class", a StepBase subclass
+    # Forward/backward passes per SGD step beyond the one every step makes: an attack's steps
+    # ("steps": method.steps of them), one (a single-step attack) or none.
+    attack_passes: str | int = 0
 
 
 METHODS: dict[str, MethodSpec] = {
     "free": MethodSpec(("eps", "replays", "step_size", "fused"),
                        "dist_free.engine.free:FreeAdversarialTrainer"),
     "natural": MethodSpec((), "dist_free.engine.methods:NaturalTrainer"),
-    "pgd": MethodSpec(("eps", "steps", "step_size"), "dist_free.engine.methods:PGDTrainer"),
-    "fast": MethodSpec(("eps", "step_size"), "dist_free.engine.methods:FastFGSMTrainer"),
+    "pgd": MethodSpec(("eps", "steps", "step_size"), "dist_free.engine.methods:PGDTrainer",
+                      attack_passes="steps"),
+    "fast": MethodSpec(("eps", "step_size"), "dist_free.engine.methods:FastFGSMTrainer",
+                       attack_passes=1),
 }
 
 
@@ -35,6 +40,13 @@ def spec(name: str) -> MethodSpec:
 
 def takes(name: str, option: str) -> bool:
     return option in spec(name).options
+
+
+def passes_per_step(section) -> int:
+    """Forward/backward passes one SGD step of method `section.name` costs (free training's
+    replay is one SGD step and one pass: its perturbation comes from the same backward)."""
+    extra = spec(section.name).attack_passes
+    return 1 + (getattr(section, extra) if isinstance(extra, str) else extra)
 
 
 def configured_options(section) -> dict:

@@ -43,11 +43,14 @@ def per_image_standardization(x: torch.Tensor) -> torch.Tensor:
     """tf.image.per_image_standardization on a batch: each image minus its own mean, divided by
     max(its std, 1 / sqrt(N)), N = pixels x channels. The floor is in the input's units (TF
     applies it to 0-255 pixels) and keeps a constant image finite (it maps to zeros). The std
-    is the population one, computed in two passes (TF's E[x^2] - E[x]^2 is the same number)."""
+    is the population one, computed in two passes (TF's E[x^2] - E[x]^2 is the same number).
+    The floor is applied to the variance, before the square root: max(sqrt(v), f) is
+    sqrt(max(v, f^2)), and sqrt's backward at a constant image's v = 0 would be 0 / 0 (NaN in
+    the input gradient, so in free training's perturbation); TF's relu on v zeroes it there."""
     floor = 1.0 / math.sqrt(math.prod(x.shape[1:]))
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    std = (x - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
-    return (x - mean) / std.clamp(min=floor)
+    variance = (x - mean).square().mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) / variance.clamp(min=floor * floor).sqrt()
 
 
 class PerImageStandardization(nn.Module):

@@ -10,12 +10,19 @@ each channel's sum and element count, then its centred sum of squares, each summ
 by an all-reduce that autograd differentiates. Normalisation, running statistics (the
 Bessel-corrected variance of the global batch) and momentum follow torch's BatchNorm.
 
+timm's BatchNormAct2d (EfficientNet, RegNet, CSPNet, ...) is a BatchNorm whose forward also
+applies its `drop` and `act`: torch's converter would make it a plain SyncBatchNorm and silently
+drop the activation, so on CUDA a net holding one goes through timm's own converter
+(SyncBatchNormAct) and on other devices it becomes a `GlobalBatchNormAct`.
+
 Gradients are torch's SyncBatchNorm's: each rank's input gradient is that of the sum of every
 rank's loss (the statistics are shared), and DDP averages the weight gradients, which then equal
 one process's on the whole batch with the mean loss.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.distributed as dist
@@ -91,10 +98,34 @@ class GlobalBatchNorm(_BatchNorm):
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 
 
+class GlobalBatchNormAct(GlobalBatchNorm):
+    """timm's BatchNormAct2d over all ranks: the statistics, then its `drop` and `act`, in timm's
+    order (`_global` sets both, the same modules as the converted layer's)."""
+
+    drop: nn.Module
+    act: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def timm_norm_act() -> type | None:
+    """timm's BatchNormAct2d class if timm is loaded (a timm net exists only then), else None."""
+    if "timm" not in sys.modules:
+        return None
+    from timm.layers import BatchNormAct2d
+    return BatchNormAct2d
+
+
 def _global(bn: _BatchNorm) -> GlobalBatchNorm:
     """The same layer, computing over all ranks: its parameters and buffers are the same tensors,
     so the state_dict, the optimizer and an EMA see no difference."""
-    new = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    norm_act = timm_norm_act()
+    with_act = norm_act is not None and isinstance(bn, norm_act)
+    new = (GlobalBatchNormAct if with_act else GlobalBatchNorm)(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if with_act:
+        new.drop, new.act = bn.drop, bn.act
     if bn.affine:
         new.weight, new.bias = bn.weight, bn.bias
     if bn.track_running_stats:
@@ -107,6 +138,10 @@ def convert(module: nn.Module, device_type: str) -> nn.Module:
     """Every BatchNorm in `module` (in place, as torch's converter does) made to normalise over the
     global batch: torch's SyncBatchNorm on CUDA, GlobalBatchNorm on any other device."""
     if device_type == "cuda":
+        norm_act = timm_norm_act()
+        if norm_act is not None and any(isinstance(m, norm_act) for m in module.modules()):
+            from timm.layers import convert_sync_batchnorm
+            return convert_sync_batchnorm(module)
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, _BatchNorm) and not isinstance(module, (GlobalBatchNorm,
                                                                    nn.SyncBatchNorm)):

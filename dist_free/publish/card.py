@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from dist_free import checkpoint, environment
-from dist_free.config import Config, ConfigError, config_from_dict
+from dist_free.config import SELECTION_FIGURES, Config, ConfigError, config_from_dict
 from dist_free.engine import models, timm_models
 from dist_free.engine.attacks import default_step_size
 from dist_free.publish import load
@@ -178,15 +178,17 @@ def in_training_eval(state: dict, cfg: Config) -> dict:
 
 
 def selection_text(ev: dict) -> str:
-    """How best.pt was chosen, from the evaluation record itself (eval.holdout or not)."""
+    """How best.pt was chosen, from the evaluation record itself: on which split (eval.holdout
+    or not) and by which figure (eval.select_on; records from before it were all PGD)."""
     held = ev.get("holdout")
+    figure = SELECTION_FIGURES.get(ev.get("selected_by", "robust"), "an unrecorded figure")
     if ev.get("selected_on") == "holdout" and isinstance(held, dict):
-        return (f"best.pt keeps the epoch with the best PGD accuracy on {held.get('samples')} "
+        return (f"best.pt keeps the epoch with the best {figure} on {held.get('samples')} "
                 "held-out training images (never trained on); these val images took no part in "
                 "the selection")
     if ev.get("selected_on") == "val":
-        return ("selected on the same val images (best.pt keeps the epoch with the best val "
-                "PGD accuracy), so optimistic")
+        return (f"selected on the same val images (best.pt keeps the epoch with the best val "
+                f"{figure}), so optimistic")
     return "the checkpoint does not record how it was selected"
 
 

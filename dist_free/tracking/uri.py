@@ -56,10 +56,17 @@ def check_uri(uri: str | None) -> None:
         if ":" in userinfo or parts.scheme in ("http", "https"):   # a database user alone is no secret
             raise TrackingConfigError(f"tracking URI {shown_uri(uri)} contains credentials; "
                                       f"{USE_ENV}")
-    term = secret_parameter(parts.query) or secret_parameter(parts.fragment)
+    term = (secret_parameter(parts.query) or secret_parameter(parts.fragment)
+            or secret_parameter(path_parameters(parts.path)))
     if term:
         raise TrackingConfigError(f"tracking URI {shown_uri(uri)} carries credentials in a "
                                   f"query parameter (its name says {term!r}); {USE_ENV}")
+
+
+def path_parameters(path: str) -> str:
+    """RFC 3986 path parameters (/api;password=x/runs) as one query string: a server may read
+    them as parameters, and they are printed wherever the path is."""
+    return ";".join(seg.split(";", 1)[1] for seg in path.split("/") if ";" in seg)
 
 
 def secret_parameter(text: str, nested: bool = True) -> str | None:
@@ -88,7 +95,17 @@ def shown_uri(uri: str) -> str:
         uri = scheme + slashes + "***@" + authority.rsplit("@", 1)[1]
     rest, hash_, fragment = uri.partition("#")
     head, mark, query = rest.partition("?")
-    return head + mark + _masked(query) + hash_ + _masked(fragment)
+    return _masked_path(head) + mark + _masked(query) + hash_ + _masked(fragment)
+
+
+def _masked_path(head: str) -> str:
+    """scheme://authority/path with every path parameter's value (;name=value) as ***."""
+    scheme, slashes, rest = head.partition("//")
+    if not slashes:
+        scheme, rest = "", head
+    authority, slash, path = rest.partition("/")
+    path = re.sub(r";([^;/=]*)=[^;/]*", r";\1=***", path)
+    return scheme + slashes + authority + slash + path
 
 
 def redact(text: str, uri: str) -> str:

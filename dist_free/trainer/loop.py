@@ -16,6 +16,8 @@ import time
 import torch
 
 from dist_free import checkpoint, distributed, environment, precision
+from dist_free.config import SELECTION_FIGURES
+from dist_free.engine import method_registry
 from dist_free.progress import Progress
 from dist_free.publish.export import export_checkpoint
 from dist_free.trainer import augmentation, schedule, validation
@@ -98,7 +100,8 @@ def train_one_epoch(run: Run) -> str:
         # Every rank learns of a stop one step after it was asked, not at the next log point.
         stop = run.stop_vote.poll(run.preemption.requested)
         if stop or run.global_step % cfg.run.log_every == 0 or i + 1 == steps:
-            metrics, stop = window.close(run.preemption.requested, cfg.replays)
+            metrics, stop = window.close(run.preemption.requested,
+                                         cfg.replays * method_registry.passes_per_step(cfg.method))
             metrics["train/lr"] = lr
             run.log_metrics(metrics, run.global_step)
             progress.update(i + 1, progress_text(metrics))
@@ -179,14 +182,15 @@ class Window:
         self.sums += torch.stack([s["loss"] * n, s["acc"] * n])
         self.count += n
 
-    def close(self, stop_requested: bool, replays: int) -> tuple[dict, bool]:
-        """One all-reduce (and so one sync) per window: metric sums plus the stop flag."""
+    def close(self, stop_requested: bool, passes: int) -> tuple[dict, bool]:
+        """One all-reduce (and so one sync) per window: metric sums plus the stop flag. passes:
+        forward/backward passes per minibatch (free's replays; PGD-k's k + 1)."""
         host = torch.tensor([float(self.count), float(stop_requested)], device=self.device)
         totals = distributed.all_reduce_sum(torch.cat([self.sums, host])).tolist()
         loss, correct, n, stops = totals
         elapsed = time.perf_counter() - self.started
         metrics = {"train/loss": loss / n, "train/adv_acc": correct / n,
-                   "perf/images_per_s": n / elapsed, "perf/passes_per_s": n * replays / elapsed,
+                   "perf/images_per_s": n / elapsed, "perf/passes_per_s": n * passes / elapsed,
                    "perf/data_wait_frac": min(self.waited / elapsed, 1.0),
                    "perf/peak_mem_gb": environment.peak_memory_bytes(self.device) / 2**30}
         self.reset()
@@ -203,10 +207,10 @@ def evaluate_epoch(run: Run) -> bool:
                     run.preemption.signal_name or "request", run.epoch)
         return False
     log.info("epoch %d eval: val clean top-1 %.2f%%, PGD-%dx%d %.2f%% (eps %.4f, %s, %d images); "
-             "best.pt selected on %s: PGD %.2f%%", run.epoch, 100 * report["top1"],
+             "best.pt selected on %s by %s: %.2f%%", run.epoch, 100 * report["top1"],
              report["pgd_steps"], report["pgd_restarts"], 100 * report["pgd"], report["eps"],
              report["dtype"], report["samples"], report["selected_on"],
-             100 * report["selection_metric"])
+             SELECTION_FIGURES[report["selected_by"]], 100 * report["selection_metric"])
     metrics = {"eval/top1": report["top1"], "eval/top5": report["top5"],
                "eval/pgd_top1": report["pgd"], "eval/epoch": run.epoch}
     if report["holdout"]:

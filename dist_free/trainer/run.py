@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dist_free import checkpoint, environment, precision
-from dist_free.config import Config, flatten, to_yaml
+from dist_free.config import SELECTION_FIGURES, Config, flatten, to_yaml
 from dist_free.distributed import DistInfo
 from dist_free.engine.ema import ModelEMA
 from dist_free.engine.step_base import StepBase
@@ -61,7 +61,7 @@ class Run:
     global_step: int = 0              # minibatches done since the run began
     length_since: int = 0             # the first real epoch of len(train_loader) minibatches
                                       # (> 0: a resume changed the global batch)
-    best_metric: float = -1.0         # best PGD accuracy on the selection split
+    best_metric: float = -1.0         # best eval.select_on figure on the selection split
     eval_pending: bool = False        # the epoch's checkpoint is saved, its evaluation is not
     guard: validation.CollapseGuard | None = None
     ema: ModelEMA | None = None       # when optim.ema is set
@@ -156,7 +156,7 @@ class Run:
         saved_length = state.get("batches_per_epoch")
         self.length_since = state.get("length_since", 0) \
             if saved_length in (None, len(self.train_loader)) else self.epoch
-        self.best_metric = state.get("best_metric", state.get("best_pgd", -1.0))
+        self.best_metric = resumed_best_metric(state, self.cfg)
         self.eval_pending = state.get("eval_pending", False)
         self.guard.best = state.get("probe_best", -1.0)
         if self.d.is_main:
@@ -185,6 +185,19 @@ class Run:
                  if step > self.logged_through.get(k.split("/")[0], -1)}
         if fresh:
             self.tracker.log_metrics(fresh, step)
+
+
+def resumed_best_metric(state: dict, cfg: Config) -> float:
+    """The best selection figure so far, if the checkpoint's run compared the same figure
+    (eval.select_on; checkpoints from before it compared PGD accuracy). Otherwise best.pt's
+    figure is not comparable to the next evaluation's, and the comparison starts afresh."""
+    saved = (state.get("config") or {}).get("eval", {}).get("select_on", "robust")
+    if saved != cfg.eval.select_on:
+        log.warning("eval.select_on changes from %s to %s: the next evaluation's %s starts "
+                    "best.pt's comparison afresh", saved, cfg.eval.select_on,
+                    SELECTION_FIGURES[cfg.eval.select_on])
+        return -1.0
+    return state.get("best_metric", state.get("best_pgd", -1.0))
 
 
 def own_rank_state(run: Run, state: dict) -> dict:

@@ -1,8 +1,10 @@
 """Evaluation during training: the epoch's report, model selection, the collapse probe.
 
 - Selection: with `eval.holdout` > 0 a fixed set of training images is never trained on; best.pt
-  is chosen by PGD accuracy on those, and the val set only reports. Without a holdout best.pt is
-  chosen on val, and every report says so (`selected_on`).
+  is chosen on those, and the val set only reports. Without a holdout best.pt is chosen on val,
+  and every report says so (`selected_on`). The figure compared is `eval.select_on`: PGD
+  accuracy (robust, ours) or clean top-1 (clean, the authors' ImageNet model_best), recorded as
+  `selected_by`.
 - Attacks run in fp32 unless `eval.amp` asks otherwise, whatever precision training uses.
 - The probe: a cheap PGD on a few held-out batches, several times an epoch. Robust accuracy that
   falls far below its best so far is the signature of catastrophic overfitting (FGSM-RS training
@@ -115,13 +117,15 @@ def epoch_report(run: Evaluated) -> dict:
     held = pgd_accuracy(run, run.holdout_loader, **kw) if run.holdout_loader else None
     chosen = held or val
     eps = cfg.eval_eps
+    figure = chosen["pgd"][eps] if cfg.eval.select_on == "robust" else chosen["top1"]
     return {"epoch": run.epoch, "global_step": run.global_step, "samples": val["samples"],
             "top1": val["top1"], "top5": val["top5"], "pgd": val["pgd"][eps], "eps": eps,
             "attack": "pgd", "pgd_steps": cfg.eval.steps, "pgd_restarts": cfg.eval.restarts,
             "dtype": precision.NAMES[precision.attack_dtype(cfg.eval.amp)],
             "holdout": None if held is None else {"samples": held["samples"], "top1": held["top1"],
                                                   "pgd": held["pgd"][eps]},
-            "selected_on": "holdout" if held else "val", "selection_metric": chosen["pgd"][eps],
+            "selected_on": "holdout" if held else "val", "selected_by": cfg.eval.select_on,
+            "selection_metric": figure,
             "weights": "ema" if ema is not None else "model",
             "seconds": time.perf_counter() - start}
 

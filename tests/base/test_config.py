@@ -120,3 +120,11 @@ def test_method_fused_is_a_bool_or_auto(value, expected):
 def test_a_choice_outside_its_literal_is_refused_naming_key_with_choices():
     with pytest.raises(ConfigError, match=r"run\.amp: 'fp8' is not one of \['auto', 'bf16'"):
         load_config(None, ["run.amp=fp8"])
+
+
+def test_eval_select_on_is_robust_or_clean_and_a_bad_value_names_the_key():
+    assert load_config(None, []).eval.select_on == "robust"
+    assert load_config(None, ["eval.select_on=clean"]).eval.select_on == "clean"
+    with pytest.raises(ConfigError, match=r"eval\.select_on: 'pgd' is not one of "
+                                          r"\['robust', 'clean'\]"):
+        load_config(None, ["eval.select_on=pgd"])

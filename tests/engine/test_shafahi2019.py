@@ -263,6 +263,27 @@ def test_a_constant_image_hits_the_floor_and_stays_finite():
         torch.testing.assert_close(logits, model(torch.zeros(2, 3, 32, 32)))
 
 
+def test_a_constant_images_input_gradient_is_finite_and_tfs():
+    """A constant image (a black or white one, or one the [0, 1] clamp flattened) has std 0: its
+    input gradient, free training's next perturbation step, is TF's (finite), not sqrt's 0 / 0."""
+    pixels = torch.rand(3, 3, 32, 32) * 255
+    pixels[0] = 117.0                                   # constant
+    pixels[1] = 100.0
+    pixels[1, 1, 5, 7] += 0.5                           # std below the floor, not zero
+    pixels.requires_grad_(True)
+    weights = torch.randn(3, 3, 32, 32)
+    ours, = torch.autograd.grad((per_image_standardization(pixels) * weights).sum(), pixels)
+    theirs, = torch.autograd.grad((tf_per_image_standardization(pixels) * weights).sum(), pixels)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    model = small_model().train()
+    x = torch.zeros(2, 3, 32, 32)
+    x[1] = torch.rand(3, 32, 32)
+    x.requires_grad_(True)
+    nn.functional.cross_entropy(model(x), torch.tensor([3, 4])).backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_the_floor_is_in_0_255_pixel_units():
     """An image whose values differ by half a grey level (std < 1/sqrt(N) in 0-255 units) is
     divided by the floor, not by its std: its deviations come out x sqrt(N) in pixels."""

@@ -1,5 +1,6 @@
 """model.sync_bn's conversion, in one process (tests/e2e/test_sync_bn.py runs it on 2 ranks)."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -38,3 +39,29 @@ def test_without_a_process_group_it_is_torchs_batchnorm():
         torch.testing.assert_close(converted(x), plain(x), rtol=0, atol=0)
     for (k, a), b in zip(plain.state_dict().items(), converted.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def timm_net():
+    """A timm architecture whose BatchNorms are timm's BatchNormAct2d (BatchNorm + activation in
+    one module)."""
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model("efficientnet_b0", num_classes=10)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_timms_batchnorm_with_activation_keeps_its_activation(device_type):
+    """torch's converter turns BatchNormAct2d into a plain SyncBatchNorm and drops the activation:
+    the converted net must compute what it computed before (eval mode runs on the CPU for both)."""
+    from timm.layers import BatchNormAct2d
+    plain, converted = timm_net().eval(), convert(timm_net(), device_type).eval()
+    assert any(isinstance(m, BatchNormAct2d) for m in plain.modules())
+    bns = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, nn.SyncBatchNorm if device_type == "cuda" else
+                                  GlobalBatchNorm) for m in bns)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain(x), rtol=0, atol=0)
+    if device_type == "cpu":                        # training mode without a process group too
+        plain.train(), converted.train()
+        torch.testing.assert_close(converted(x), plain(x), rtol=0, atol=0)

@@ -351,3 +351,16 @@ def test_from_checkpoint_names_what_is_wrong(tmp_path):
     checkpoint.save_atomic(state, tmp_path / "other.pt")
     with pytest.raises(checkpoint.CheckpointError, match="weights do not fit small_cnn with 5"):
         from_checkpoint(tmp_path / "other.pt")
+
+
+def test_the_card_names_the_figure_best_pt_was_selected_by():
+    from dist_free.publish.card import selection_text
+    held = {"samples": 1000, "top1": 0.6, "pgd": 0.3}
+    on_holdout = {"selected_on": "holdout", "holdout": held}
+    assert "the best clean top-1 on 1000 held-out" in selection_text(
+        {**on_holdout, "selected_by": "clean"})
+    assert "the best PGD accuracy on 1000 held-out" in selection_text(
+        {**on_holdout, "selected_by": "robust"})
+    assert "the best PGD accuracy on 1000" in selection_text(on_holdout)   # before select_on
+    assert "the best val clean top-1), so optimistic" in selection_text(
+        {"selected_on": "val", "selected_by": "clean", "holdout": None})

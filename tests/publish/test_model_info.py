@@ -55,3 +55,41 @@ def test_flagged_gradient_masking_is_unreliable_and_no_report_writes_no_figures(
     check_layout(info)
     assert info["clean_acc"] is None and info["autoattack_acc"] is None
     assert "no standalone evaluation" in info["footnote"].lower()
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"]
+
+
+@pytest.mark.parametrize("n, names, name", [
+    (10, CIFAR10_NAMES, "cifar10"),
+    (10, [str(d) for d in range(10)], None),       # the digits demos: 10 classes at 32 px
+    (100, ["apple", "aquarium_fish", "baby", "bear", "beaver", *CIFAR10_NAMES,
+           *(f"class_{i}" for i in range(85))], None)])
+def test_the_dataset_is_named_only_when_the_class_names_are_its_own(n, names, name):
+    with_names = {**card(n, 32, REPORT), "class_to_idx": {c: i for i, c in enumerate(names)}}
+    info = robustbench_info(with_names)
+    check_layout(info)
+    assert info["dataset"] == name
+
+
+def test_cifar100s_class_names_name_it():
+    from dist_free.publish.model_info import CIFAR_CLASSES
+    names = sorted(CIFAR_CLASSES["cifar100"])
+    assert len(names) == 100 and names[:3] == ["apple", "aquarium_fish", "baby"]
+    with_names = {**card(100, 32, REPORT), "class_to_idx": {c: i for i, c in enumerate(names)}}
+    assert robustbench_info(with_names)["dataset"] == "cifar100"
+
+
+@pytest.mark.parametrize("evaluation", [REPORT, {"source": "in_training"}], ids=["report", "none"])
+def test_weights_started_from_model_init_count_as_additional_data(evaluation):
+    """A fresh start saw only the trained-on dataset; model.init's weights (a pretrained net) may
+    have seen others, which RobustBench's additional_data is for."""
+    fresh = robustbench_info(card(10, 32, evaluation))
+    assert fresh["additional_data"] is False
+    started = {**card(10, 32, evaluation),
+               "training": {"config": {"model": {"init": "in21k_convnext.safetensors"}}}}
+    info = robustbench_info(started)
+    check_layout(info)
+    assert info["additional_data"] is True
+    assert "in21k_convnext.safetensors" in info["footnote"] and "model.init" in info["footnote"]

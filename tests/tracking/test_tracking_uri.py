@@ -23,6 +23,8 @@ QUERY_SECRETS = [
     f"https://mlflow.example/#client_secret={SECRET}",
     f"https://mlflow.example/?a=1;auth={SECRET}",
     f"https://mlflow.example/?Pass%77ord={SECRET}",                      # percent-encoded name
+    f"https://mlflow.example/api;password={SECRET}/runs",                # an RFC 3986 path parameter
+    f"postgresql://db.example/mlflow;sslmode=require;token={SECRET}",
 ]
 HOW = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
@@ -46,6 +48,7 @@ def test_a_shown_uri_masks_the_user_part_and_every_query_value():
     assert shown_uri(f"http://alice:{SECRET}@h:5000/p?x=1&token={SECRET}#k={SECRET}") == \
         "http://***@h:5000/p?x=***&token=***#k=***"
     assert shown_uri(f"https://h/?{SECRET}") == "https://h/?***"
+    assert shown_uri(f"https://h/a;v=1;token={SECRET}/b?k=2") == "https://h/a;v=***;token=***/b?k=***"
     for plain in ("sqlite:////abs/mlflow.db", "http://127.0.0.1:5000", "databricks"):
         assert shown_uri(plain) == plain
 

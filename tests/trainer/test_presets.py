@@ -97,3 +97,11 @@ def test_the_paper_presets_pgd_runs_at_the_authors_step(preset):
     """mahyarnajibi/FreeAdversarialTraining configs.yml: validation PGD step 1/255 at eps 2 and 4."""
     e = load_config(preset).eval
     assert (e.steps, e.restarts, e.step_size) == (10, 1, pytest.approx(1 / 255))
+
+
+@pytest.mark.parametrize("preset", FREE, ids=lambda p: p.stem)
+def test_the_paper_presets_select_on_pgd_and_name_the_authors_clean_selection(preset):
+    """Ours: best.pt by holdout PGD; the authors' model_best by clean top-1 (main_free.py)."""
+    assert load_config(preset).eval.select_on == "robust"
+    header = "".join(l for l in preset.read_text().splitlines(True) if l.startswith("#"))
+    assert "clean top-1" in header and "eval.select_on=clean" in header
