@@ -66,7 +66,7 @@ class DataConfig:
     format: DataFormat = "auto"      # auto: CIFAR folders are recognised from their files
     pad: int = 4                     # resident (CIFAR) loader: zero padding per side before
                                      # the random 32x32 crop
-    # Strong augmentation, in timm's vocabulary (README "Augmentation"). A policy string runs
+    # Strong augmentation, in timm's vocabulary (README, "Strong augmentation"). A policy runs
     # in the loader on each training image after its crop and flip (pipelines/augment_policy.py):
     auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (RandAugment), ta_wide
     # On the device batch, once per minibatch before the method's step
