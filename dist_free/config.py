@@ -89,9 +89,16 @@ class MethodConfig:
     eps: float = 4 / 255             # L-inf radius, pixel units
     replays: int = 4                 # the paper's m
     step_size: float | None = None   # None: the method's default (free eps, pgd 2.5 eps /
-                                     # steps, fast 1.25 eps)
+                                     # steps, fast 1.25 eps, nfgsm eps); during an eps warm-up
+                                     # the step, default or set, scales by eps_t / eps
     steps: int = 7                   # attack steps per SGD step
     fused: bool | Literal["auto"] = "auto"   # compiled update kernel (auto = on CUDA)
+    noise: float = 2.0               # nfgsm: uniform noise in [-noise eps, noise eps] (de Jorge
+                                     # et al.'s k)
+    eps_warmup_epochs: float = 0.0   # eps rises linearly to `eps` over these natural-training
+                                     # epochs (free: / replays, like the lr's); every method
+                                     # that attacks; 0: full eps from the first step
+    eps_warmup_start: float = 0.0    # eps at step 0 of the warm-up, as a fraction of `eps`
 
 
 @dataclass(frozen=True)
@@ -242,7 +249,8 @@ POSITIVE = {"data.batch_size", "data.val_batch_size", "data.image_size", "data.v
 NON_NEGATIVE = {"optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
                 "optim.label_smoothing", "optim.gamma", "run.seed", "eval.holdout",
                 "eval.probes_per_epoch", "optim.warmup_start", "optim.lr_floor", "data.pad",
-                "data.mixup", "data.cutmix", "data.mixup_off_epoch"}
+                "data.mixup", "data.cutmix", "data.mixup_off_epoch",
+                "method.noise", "method.eps_warmup_epochs", "method.eps_warmup_start"}
 # Probabilities: each must lie in [0, 1].
 PROBABILITIES = ("data.mixup_prob", "data.mixup_switch_prob", "data.reprob")
 
@@ -456,6 +464,7 @@ def _validate(cfg: Config) -> Config:
     if list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
         raise ConfigError(f"optim.milestones must be increasing, got {list(cfg.optim.milestones)}")
     _validate_modern(cfg)
+    _validate_eps_warmup(cfg)
     if cfg.optim.steps is not None:
         _validate_steps_budget(cfg.optim)
     return cfg
@@ -478,6 +487,30 @@ def _validate_modern(cfg: Config) -> None:
     if o.ema is not None and not 0 < o.ema < 1:
         raise ConfigError(f"optim.ema is a decay per optimizer step in (0, 1) (e.g. 0.9998), "
                           f"got {o.ema}")
+
+
+def _validate_eps_warmup(cfg: Config) -> None:
+    """method.eps_warmup_* (dist_free.trainer.schedule.eps_at); the negative values are refused
+    with the other NON_NEGATIVE keys."""
+    m = cfg.method
+    if m.eps_warmup_start > 1:
+        raise ConfigError(f"method.eps_warmup_start is a fraction of method.eps in [0, 1], got "
+                          f"{m.eps_warmup_start}")
+    if not m.eps_warmup_epochs:
+        return
+    # An error, not ignored: a warm-up that would silently do nothing is a recipe misread.
+    if not method_registry.takes(m.name, "eps"):
+        raise ConfigError(f"method.eps_warmup_epochs={m.eps_warmup_epochs} with "
+                          f"method.name={m.name}: it trains on clean images, there is no eps to "
+                          "warm up; set method.eps_warmup_epochs=0")
+    if cfg.optim.steps is not None:
+        raise ConfigError("method.eps_warmup_epochs is in epochs; with optim.steps set the run's "
+                          "length in epochs is not known here: set method.eps_warmup_epochs=0 "
+                          "(or train to optim.epochs)")
+    if m.eps_warmup_epochs > cfg.optim.epochs:
+        raise ConfigError(f"method.eps_warmup_epochs={m.eps_warmup_epochs} is longer than the "
+                          f"run (optim.epochs={cfg.optim.epochs} natural-training epochs): eps "
+                          "would never reach method.eps")
 
 
 def _validate_steps_budget(o: OptimConfig) -> None:

@@ -46,6 +46,9 @@ class Recorder(NullTracker):
     def set_tags(self, tags):
         self.note("set_tags", tags=dict(tags))
 
+    def log_metrics(self, metrics, step, timestamp_ms=None):
+        self.note("log_metrics", metrics=dict(metrics), step=step)
+
     def close(self, timeout=None, status="FINISHED"):
         self.note("close", status=status)
 

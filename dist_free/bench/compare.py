@@ -29,7 +29,7 @@ from dist_free import environment
 from dist_free.config import ConfigError, load_config
 from dist_free.engine import method_registry
 
-DEFAULT_METHODS = ("natural", "free", "fast", "pgd")
+DEFAULT_METHODS = ("natural", "free", "fast", "nfgsm", "pgd")
 
 
 def budgets(cfg, methods: list[str]) -> dict[str, dict]:

@@ -324,11 +324,11 @@ def check_step_speed(s: Sizes, device) -> Result:
     """Natural step images/s, free replay / natural, PGD-7 / natural (timing.step_cost)."""
     r = timing.step_cost(s.model, s.image_size, s.batch, s.dtype, device, s.channels_last,
                          replays=4, repeats=s.repeats)
-    ratio = {k: r["ratios"][f"{k}/natural_step"]["median"]
-             for k in ("free_replay", "pgd7_step", "fgsm_rs_step")}
+    ratio = {k: r["ratios"][f"{k}/natural_step"]["median"] for k in timing.STEP_METHODS}
     return Result("PASS", f"{s.model} {s.image_size}px b{s.batch} {s.dtype}: natural "
                   f"{r['images_per_s_natural']:.0f} img/s; free replay/natural {ratio['free_replay']:.3f}, "
-                  f"PGD-7/natural {ratio['pgd7_step']:.2f}, FGSM-RS/natural {ratio['fgsm_rs_step']:.2f}", r)
+                  f"PGD-7/natural {ratio['pgd7_step']:.2f}, FGSM-RS/natural {ratio['fgsm_rs_step']:.2f}, "
+                  f"N-FGSM/natural {ratio['nfgsm_step']:.2f}", r)
 
 
 def check_update_bandwidth(s: Sizes, device) -> Result:

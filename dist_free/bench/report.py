@@ -43,6 +43,7 @@ def step_lines(step: dict) -> list[str]:
                      spread(r["free_replay/natural_step"]) + f" ({verdict(t['free_replay_vs_natural'])})",
                      spread(r["pgd7_step/natural_step"]) + f" ({verdict(t['pgd7_vs_natural'])})",
                      spread(r["fgsm_rs_step/natural_step"]) + f" ({verdict(t['fgsm_rs_vs_natural'])})",
+                     nfgsm_cell(r, t),
                      ms_or_noise(b["input_grad_extra_s"]), f"{b['update_s'] * 1e3:.3g}",
                      ms_or_noise(b["optimizer_step_s"])])
     first = next(v for v in step.values() if isinstance(v, dict) and "model" in v)
@@ -50,8 +51,15 @@ def step_lines(step: dict) -> list[str]:
              f"free m={first['replays']}; median [min-max] of {first['repeats']} interleaved rounds")
     return [title, ""] + table(
         ["dtype", "natural step ms", "free replay / natural", "PGD-7 / natural", "FGSM-RS / natural",
-         "input-grad extra ms", "update ms", "optimizer step ms"], rows) + arch_lines(
+         "N-FGSM / natural", "input-grad extra ms", "update ms", "optimizer step ms"], rows) + arch_lines(
         step.get("architectures") or {})
+
+
+def nfgsm_cell(ratios: dict, targets: dict) -> str:
+    # Results measured before N-FGSM joined the table have no such column.
+    if "nfgsm_step/natural_step" not in ratios:
+        return "not measured"
+    return spread(ratios["nfgsm_step/natural_step"]) + f" ({verdict(targets['nfgsm_vs_natural'])})"
 
 
 def arch_lines(archs: dict) -> list[str]:

@@ -121,6 +121,10 @@ def make_batch(batch: int, size: int, classes: int, device, channels_last: bool)
     return images, torch.randint(classes, (batch,), generator=g).to(device)
 
 
+# The step table's methods, each timed against a natural step on the same model and optimizer.
+STEP_METHODS = ("free_replay", "pgd7_step", "fgsm_rs_step", "nfgsm_step")
+
+
 def step_variants(model, images, labels, amp_dtype, replays: int, eps: float) -> dict[str, Variant]:
     """Every method on one model and optimizer; weights drift, which does not change the cost."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -129,12 +133,14 @@ def step_variants(model, images, labels, amp_dtype, replays: int, eps: float) ->
     free = build_method("free", model, opt, eps=eps, replays=replays, **common)
     pgd = build_method("pgd", model, opt, eps=eps, steps=7, **common)
     fast = build_method("fast", model, opt, eps=eps, **common)
+    nfgsm = build_method("nfgsm", model, opt, eps=eps, **common)
     x_in = images.to(natural.input_dtype)
     return {
         "natural_step": Variant(lambda: natural.train_step(images, labels)),
         "free_replay": Variant(lambda: free.train_step(images, labels), units=replays),
         "pgd7_step": Variant(lambda: pgd.train_step(images, labels)),
         "fgsm_rs_step": Variant(lambda: fast.train_step(images, labels)),
+        "nfgsm_step": Variant(lambda: nfgsm.train_step(images, labels)),
         "fwd_bwd": Variant(lambda: fwd_bwd(natural, x_in, labels, input_grad=False)),
         "fwd_bwd_input_grad": Variant(lambda: fwd_bwd(natural, x_in, labels, input_grad=True)),
         "perturbation_update": update_variant(images, natural.input_dtype, eps),
@@ -182,7 +188,7 @@ def step_cost(model_name: str, image_size: int, batch: int, dtype: str, device: 
         "update_s": seconds["perturbation_update"]["median"],
         "optimizer_step_s": nat - seconds["fwd_bwd"]["median"],
     }
-    r = {k: ratios[f"{k}/natural_step"]["median"] for k in ("free_replay", "pgd7_step", "fgsm_rs_step")}
+    r = {k: ratios[f"{k}/natural_step"]["median"] for k in STEP_METHODS}
     return {"model": model_name, "image_size": image_size, "batch": batch, "dtype": dtype,
             "channels_last": channels_last, "replays": replays, "repeats": repeats,
             "seconds": seconds, "ratios": ratios, "breakdown": parts,
@@ -191,7 +197,10 @@ def step_cost(model_name: str, image_size: int, batch: int, dtype: str, device: 
                                                          r["free_replay"] <= 1.05),
                         "pgd7_vs_natural": target(r["pgd7_step"], "about 8 (7-9)", 7 <= r["pgd7_step"] <= 9),
                         "fgsm_rs_vs_natural": target(r["fgsm_rs_step"], "about 2 (1.7-2.3)",
-                                                     1.7 <= r["fgsm_rs_step"] <= 2.3)}}
+                                                     1.7 <= r["fgsm_rs_step"] <= 2.3),
+                        # two passes per SGD step, like FGSM-RS
+                        "nfgsm_vs_natural": target(r["nfgsm_step"], "about 2 (1.7-2.3)",
+                                                   1.7 <= r["nfgsm_step"] <= 2.3)}}
 
 
 def arch_step_cost(model_name: str, image_size: int, batch: int, dtype: str, device: torch.device,

@@ -1,5 +1,9 @@
 """L-inf PGD (the one PGD loop: PGD training and evaluation both run `pgd_perturbation`) with
-random restarts, and FGSM.
+random restarts, FGSM, and the single-step training attacks (FGSM-RS, N-FGSM) as pure functions
+of an input-gradient callable, like `pgd_perturbation`.
+
+The training attacks take eps, step and noise as floats or as 0-dim device tensors that an eps
+warm-up rewrites in place (linf.py): one traced graph serves every eps, and no value is read back.
 
 Attacks run the model in eval mode and differentiate with respect to the input only
 (`torch.autograd.grad`), so they never touch weights, their `.grad`, or BatchNorm running
@@ -73,8 +77,11 @@ def default_step_size(eps: float, steps: int) -> float:
     return 2.5 * eps / steps
 
 
-def pgd_perturbation(images: torch.Tensor, input_grad: Callable[[torch.Tensor], torch.Tensor], *,
-                     eps: float, steps: int, step_size: float, random_start: bool = True,
+InputGrad = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pgd_perturbation(images: torch.Tensor, input_grad: InputGrad, *,
+                     eps: linf.Scalar, steps: int, step_size: linf.Scalar, random_start: bool = True,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """PGD's perturbation delta (fp32) of `images`: a random start in the eps-ball (or zero),
     then `steps` sign steps, each projected onto the eps-ball and the [0, 1] box.
@@ -89,6 +96,27 @@ def pgd_perturbation(images: torch.Tensor, input_grad: Callable[[torch.Tensor], 
         grad = input_grad(linf.perturb(x, delta))
         delta = linf.attack_step(x, delta, grad, eps, step_size)
     return delta
+
+
+def fgsm_rs_perturbation(images: torch.Tensor, input_grad: InputGrad, *, eps: linf.Scalar,
+                         step_size: linf.Scalar) -> torch.Tensor:
+    """Wong et al. 2020 ("fast"): a uniform start in the eps-ball, one sign step, projected onto
+    the ball and the image box. The gradient is taken at clamp(images + start, 0, 1)."""
+    delta = linf.random_start(images, eps)
+    grad = input_grad(linf.perturb(images, delta))
+    return linf.attack_step(images, delta, grad, eps, step_size)
+
+
+def nfgsm_perturbation(images: torch.Tensor, input_grad: InputGrad, *, noise: linf.Scalar,
+                       step_size: linf.Scalar) -> torch.Tensor:
+    """de Jorge et al. 2022 (N-FGSM): uniform noise in [-noise, noise] kept in the image box, one
+    sign step from it, and NO projection onto the eps-ball (only onto the image box), so the
+    perturbation reaches noise + step_size (3 eps at the paper's defaults). Not projecting is
+    the method: the paper finds that clipping to the ball brings catastrophic overfitting back."""
+    x = images.float()
+    delta = linf.in_box(x, linf.random_start(x, noise))
+    grad = input_grad(linf.perturb(x, delta))
+    return linf.in_box(x, linf.sign_step(delta, grad, step_size))
 
 
 def pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,

@@ -16,11 +16,17 @@ true class (attacks.py). So the config refuses optim.label_smoothing with free t
 
 The perturbation update is `free_update`, a pure function written once as plain tensor code;
 `FreeAdversarialTrainer` is the thin stateful wrapper that owns the buffers and calls it. Run
-eagerly (the CPU) the update writes into preallocated `UpdateWork` buffers: seven element-wise
-passes, nothing allocated; `compiled_free_update` hands the very same function to torch.compile,
-which fuses it into one kernel (Triton on CUDA, Inductor's C++ backend on the CPU). Sharing the
-function is what makes the two paths agree bit for bit. Its geometry (sign step, eps clamp,
-[0, 1] clamp) is linf.py's, fused.
+eagerly (the CPU) the update writes into preallocated `UpdateWork` buffers: eight element-wise
+passes, nothing batch-sized allocated (a tensor eps costs a 0-dim negation);
+`compiled_free_update` hands the very same function to torch.compile, which fuses it into one
+kernel (Triton on CUDA, Inductor's C++ backend on the CPU). Sharing the function is what makes
+the two paths agree bit for bit. Its geometry (sign step, eps clamp, [0, 1] clamp) is linf.py's,
+fused.
+
+Under an eps warm-up (`set_eps`, step_base.Radius) eps and the step reach the update as 0-dim
+device tensors rewritten in place: the compiled kernel takes them as inputs, so one graph serves
+every eps. The buffer stays inside the current ball: every update clamps it to eps_t, and a
+smaller eps (never the case in a warm-up, which only rises) clamps it at once.
 
 Example:
     t = FreeAdversarialTrainer(model, optimizer, eps=4/255, replays=4)
@@ -36,7 +42,8 @@ from typing import NamedTuple
 import torch
 
 from dist_free.engine.attacks import attack_loss
-from dist_free.engine.step_base import StepBase, StepStats, batch_stats, true_classes
+from dist_free.engine.linf import Scalar
+from dist_free.engine.step_base import Radius, StepBase, StepStats, batch_stats, true_classes
 
 
 class UpdateWork(NamedTuple):
@@ -54,7 +61,7 @@ class UpdateWork(NamedTuple):
 
 
 def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
-                found_inf: torch.Tensor | None, eps: float, step_size: float, x_adv: torch.Tensor,
+                found_inf: torch.Tensor | None, eps: Scalar, step_size: Scalar, x_adv: torch.Tensor,
                 next_input: bool, work: UpdateWork | None = None) -> None:
     """Free training's perturbation update, in place.
 
@@ -69,8 +76,11 @@ def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
     non-finite flag; where it is > 0 the step is skipped, like the optimizer's (None: no scaler,
     nothing to skip). next_input: overwrite x_adv with the next replay's input clamp(x + delta, 0, 1)
     (one tensor read and written in place: the compiled kernel would pay for an aliased output).
-    `work`: reused scratch (eager, nothing allocated); None computes the same operations as
-    expressions, which under torch.compile cost nothing (the fused kernel keeps them in registers).
+    `work`: reused scratch (eager, nothing batch-sized allocated); None computes the same
+    operations as expressions, which under torch.compile cost nothing (the fused kernel keeps them
+    in registers). eps, step_size: floats, or 0-dim tensors on the buffers' device (linf.Scalar).
+    The step is sign x mask x step_size, then added: exact products of +-1 or 0, so the eager and
+    the fused update agree bit for bit whatever the step's type.
     """
     if work is None:
         return _free_update_expr(x, delta, grad, found_inf, eps, step_size, x_adv, next_input)
@@ -84,12 +94,17 @@ def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
     if found_inf is not None:
         # masked_fill, not a multiply: a skipped step's gradient may hold NaN, and NaN * 0 is NaN.
         step.masked_fill_(found_inf > 0, 0.0)
-    delta.addcmul_(step, inside, value=step_size).clamp_(-eps, eps)
+    step.mul_(inside)
+    if isinstance(step_size, torch.Tensor):     # addcmul's `value` must be a host number
+        delta.addcmul_(step, step_size)
+    else:
+        delta.add_(step, alpha=step_size)
+    delta.clamp_(-eps, eps)
     if next_input:
         torch.add(x, delta, out=x_adv).clamp_(0.0, 1.0)
 
 
-def _free_update_expr(x, delta, grad, found_inf, eps: float, step_size: float, x_adv,
+def _free_update_expr(x, delta, grad, found_inf, eps: Scalar, step_size: Scalar, x_adv,
                       next_input: bool) -> None:
     """`free_update` without scratch: the same operations as expressions, for torch.compile to fuse
     (its graphs refuse `out=` into non-contiguous tensors, and channels_last batches are that)."""
@@ -97,7 +112,7 @@ def _free_update_expr(x, delta, grad, found_inf, eps: float, step_size: float, x
     step = grad.float().sign()
     if found_inf is not None:
         step = step.masked_fill(found_inf > 0, 0.0)
-    delta.addcmul_(step, inside, value=step_size).clamp_(-eps, eps)
+    delta.add_(step * inside * step_size).clamp_(-eps, eps)
     if next_input:
         x_adv.copy_((x + delta).clamp(0.0, 1.0))
 
@@ -147,6 +162,7 @@ class FreeAdversarialTrainer(StepBase):
         self.step_size = float(eps if step_size is None else step_size)
         if not self.step_size > 0:
             raise ValueError(f"step_size must be > 0, got {step_size}")
+        self.radius = Radius(self.eps, self.step_size, self.device)
         self.fused = resolve_fused(fused, self.device)
         self.update = compiled_free_update() if self.fused else free_update   # the one in use
         self._delta: torch.Tensor | None = None
@@ -220,11 +236,17 @@ class FreeAdversarialTrainer(StepBase):
                 # Without a GradScaler no step is ever skipped: pass None, not a zero to test.
                 self.update(images, delta, x_adv.grad,
                              found_inf=found_inf if self.scaler is not None else None,
-                             eps=self.eps, step_size=self.step_size, x_adv=x_adv_buf,
+                             eps=self.radius.eps_t, step_size=self.radius.step_t, x_adv=x_adv_buf,
                              next_input=not last, work=work)
                 loss_sum += loss.detach()
                 correct += (logits.argmax(1) == classes).sum()
         return batch_stats(loss_sum, correct, self.replays, b)
+
+    def set_eps(self, eps: float) -> None:
+        shrinking = eps < self.radius.now
+        super().set_eps(eps)
+        if shrinking and self._delta is not None:    # a rare event, not a step: no scratch kept
+            self._delta.clamp_(-eps, eps)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "eps": self.eps, "replays": self.replays,

@@ -28,6 +28,8 @@ METHODS: dict[str, MethodSpec] = {
                       attack_passes="steps"),
     "fast": MethodSpec(("eps", "step_size"), "dist_free.engine.methods:FastFGSMTrainer",
                        attack_passes=1),
+    "nfgsm": MethodSpec(("eps", "step_size", "noise"), "dist_free.engine.methods:NFGSMTrainer",
+                        attack_passes=1),
 }
 
 

@@ -9,6 +9,9 @@ the attack the wrong way for confident images (attacks.py). Labels are class ind
 (B, K) targets of a mixed batch (dist_free.engine.batch_augment), which both losses take as they
 are (torch's cross-entropy reads probability targets).
 
+Methods that attack keep their eps in a `Radius`: eps, step and noise now, as 0-dim device
+tensors that `set_eps` (an eps warm-up, dist_free.trainer.schedule.eps_at) rewrites in place.
+
 The base keeps the hot path free of host-device syncs: statistics stay on the device in a
 `StepStats` and only become Python floats when somebody reads them (the trainer does so every
 `log_every` steps).
@@ -70,10 +73,41 @@ def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimi
     return sum(found.values())
 
 
+class Radius:
+    """An attack's size now: eps_t, and its step and noise, which follow eps (step_size x eps_t /
+    eps: the default steps are multiples of eps, and a step the user set scales alike).
+
+    0-dim fp32 tensors on the method's device, rewritten in place by `set`: the attacks and free
+    training's compiled update take them as tensor inputs, so a new eps neither recompiles a
+    graph (a Python float would be baked into it as a constant) nor syncs with the host. `now`
+    is eps_t's host copy, for the log and for skipping an unchanged value (after the warm-up
+    `set` launches nothing)."""
+
+    def __init__(self, eps: float, step_size: float, device: torch.device, noise: float = 0.0):
+        self.eps, self.step_size, self.noise_size = float(eps), float(step_size), float(noise)
+        self.now = self.eps
+        self.eps_t, self.step_t, self.noise_t = (
+            torch.full((), v, dtype=torch.float32, device=device)
+            for v in (self.eps, self.step_size, self.noise_size))
+
+    def set(self, eps: float) -> None:
+        """eps_t = `eps` (pixel units, 0 <= eps <= the method's eps) from the next attack on."""
+        if not 0.0 <= eps <= self.eps:
+            raise ValueError(f"eps now must be in [0, {self.eps}] (the method's eps), got {eps}")
+        if eps == self.now:
+            return
+        scale = eps / self.eps
+        self.eps_t.fill_(eps)
+        self.step_t.fill_(self.step_size * scale)
+        self.noise_t.fill_(self.noise_size * scale)
+        self.now = eps
+
+
 class StepBase:
     """Shared plumbing. Subclasses implement `train_step(images, labels) -> StepStats`."""
 
     name = "base"
+    radius: Radius | None = None      # eps now, for the methods that attack (set_eps)
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
@@ -160,6 +194,13 @@ class StepBase:
             loss = self.scaler.scale(loss)
         (grad,) = torch.autograd.grad(loss, images)
         return grad
+
+    def set_eps(self, eps: float) -> None:
+        """The eps of every attack from the next step on (an eps warm-up); ValueError for a
+        method that does not attack, or an eps above its own."""
+        if self.radius is None:
+            raise ValueError(f"method {self.name!r} does not attack: it has no eps to set")
+        self.radius.set(eps)
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}

@@ -133,6 +133,9 @@ def training_recipe(state: dict, cfg: Config) -> dict:
     return {"method": cfg.method.name, "replays": cfg.replays, "sgd_steps_budget": o.steps,
             "minibatches_budget": cfg.minibatches,
             "eps": cfg.method.eps if cfg.method.name != "natural" else None,
+            # eps rose linearly from eps_warmup_start x eps over these epochs (trainer/schedule)
+            "eps_warmup_epochs_natural": cfg.method.eps_warmup_epochs,
+            "eps_warmup_start": cfg.method.eps_warmup_start,
             # The trainer's rules (Config.real_epochs, trainer/schedule.base_lr): the run's real
             # epochs, those done as they were and the rest of the budget in the checkpoint's
             # epochs (None: a step budget whose epoch length the checkpoint does not record);

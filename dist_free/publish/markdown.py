@@ -144,6 +144,9 @@ def training_md(t: dict) -> list[str]:
         epochs = step_budget_text(t)
     weights = (f"the EMA of the weights (decay {t['ema_decay']} per optimizer step)"
                if t.get("weights") == "ema" else "the trained weights (no EMA)")
+    if t.get("eps_warmup_epochs_natural"):
+        eps += (f", warmed up linearly from {t['eps_warmup_start']:g} x eps over "
+                f"{t['eps_warmup_epochs_natural']:g} natural-training epochs")
     return [f"- method: {t['method']}, replays m = {t['replays']}, training eps {eps} (L-inf)",
             f"- epochs: {epochs}", f"- optimizer: {optimizer_text(t)}",
             f"- exported weights: {weights}",

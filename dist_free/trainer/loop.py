@@ -93,6 +93,9 @@ def train_one_epoch(run: Run) -> str:
             images, labels = augment(images, labels, run.epoch, i, len(loader))
         lr = schedule.lr_at(cfg, run.d.world_size, run.epoch + i / steps, run.global_step)
         schedule.set_lr(run.optimizer, lr)
+        eps = schedule.eps_at(cfg, run.epoch + i / steps)
+        if eps is not None:
+            run.method.set_eps(eps)
         window.add(run.method.train_step(images, labels), images.shape[0])
         if run.ema is not None:      # free training took `replays` optimizer steps
             run.ema.update(run.model, cfg.replays)
@@ -103,6 +106,8 @@ def train_one_epoch(run: Run) -> str:
             metrics, stop = window.close(run.preemption.requested,
                                          cfg.replays * method_registry.passes_per_step(cfg.method))
             metrics["train/lr"] = lr
+            if eps is not None:
+                metrics["train/eps"] = eps
             run.log_metrics(metrics, run.global_step)
             progress.update(i + 1, progress_text(metrics))
             if stop:

@@ -10,6 +10,12 @@ Under a step budget (`optim.steps`, the authors' CIFAR recipe; its length: Confi
 schedule is in SGD steps counting every replay instead: milestones are steps, a cosine runs over the
 `optim.steps` steps, and there is no warm-up (config.py refuses one). `lr_factor_in_steps` is that
 schedule; `lr_at` picks the one the config asks for.
+
+The attack's eps has a schedule of its own, `eps_at`: a linear warm-up over
+method.eps_warmup_epochs natural-training epochs, in the same units as the lr's warm-up (an epoch
+budget only: config.py refuses it with optim.steps). Like the lr, it is a pure function of the
+run's progress, which the checkpoint records (epoch, batch in epoch): a resumed run sets exactly
+the eps the uninterrupted one would, so eps itself is not saved.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 import torch
 
 from dist_free.config import Config
+from dist_free.engine import method_registry
 
 
 def base_lr(cfg: Config, world_size: int) -> float:
@@ -71,6 +78,24 @@ def lr_at(cfg: Config, world_size: int, real_epoch: float, global_step: int = 0)
     if cfg.optim.steps is not None:
         return base_lr(cfg, world_size) * lr_factor_in_steps(cfg, global_step * cfg.replays)
     return base_lr(cfg, world_size) * lr_factor(cfg, real_epoch * cfg.replays)
+
+
+def eps_factor(cfg: Config, natural_epoch: float) -> float:
+    """eps now as a fraction of method.eps: from method.eps_warmup_start at epoch 0 linearly up
+    to 1 at method.eps_warmup_epochs, and 1 after (and without a warm-up)."""
+    m = cfg.method
+    if not m.eps_warmup_epochs or natural_epoch >= m.eps_warmup_epochs:
+        return 1.0
+    start = m.eps_warmup_start
+    return min(1.0, start + (1.0 - start) * natural_epoch / m.eps_warmup_epochs)
+
+
+def eps_at(cfg: Config, real_epoch: float) -> float | None:
+    """The attack's eps at `real_epoch` (epoch + fraction of it done), pixel units; None for a
+    method that does not attack."""
+    if not method_registry.takes(cfg.method.name, "eps"):
+        return None
+    return cfg.method.eps * eps_factor(cfg, real_epoch * cfg.replays)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

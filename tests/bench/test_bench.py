@@ -66,7 +66,7 @@ def test_quick_json_has_every_section_with_its_device(quick_run):
 def test_quick_timings_with_rates_are_positive(quick_run):
     _, r, _ = quick_run
     step = r["step"]["fp32"]
-    for name in ("natural_step", "free_replay", "pgd7_step", "fgsm_rs_step", "fwd_bwd",
+    for name in ("natural_step", "free_replay", "pgd7_step", "fgsm_rs_step", "nfgsm_step", "fwd_bwd",
                  "fwd_bwd_input_grad", "perturbation_update"):
         assert step["seconds"][name]["median"] > 0, name
     for name in ("eager", "eager_alloc", "fused", "copy"):

@@ -46,7 +46,7 @@ def test_a_demo_run_is_fully_recorded_in_the_embedded_store(demo_root, tmp_path)
     assert run.data.tags["world_size"] == "1"
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(loss_steps) >= 4 and loss_steps == sorted(set(loss_steps))
-    for key in ("train/adv_acc", "train/lr", "perf/images_per_s", "perf/data_wait_frac",
+    for key in ("train/adv_acc", "train/lr", "train/eps", "perf/images_per_s", "perf/data_wait_frac",
                 "eval/top1", "eval/top5", "eval/pgd_top1"):
         assert client.get_metric_history(run.info.run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -10,7 +10,7 @@ from dist_free.engine.methods import FastFGSMTrainer, PGDTrainer, build_method, 
 
 @pytest.mark.parametrize("name, options", [
     ("natural", {}), ("free", {"eps": 4 / 255, "replays": 2}),
-    ("pgd", {"eps": 4 / 255, "steps": 3}), ("fast", {"eps": 4 / 255}),
+    ("pgd", {"eps": 4 / 255, "steps": 3}), ("fast", {"eps": 4 / 255}), ("nfgsm", {"eps": 4 / 255}),
 ])
 def test_every_method_trains_through_one_interface(name, options):
     model = tiny_net()

@@ -66,14 +66,14 @@ def test_a_vit_takes_channels_last_batches_as_the_loaders_may_hand_them():
     torch.testing.assert_close(model(nhwc), model(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["free", "natural", "pgd", "fast"])
+@pytest.mark.parametrize("method", ["free", "natural", "pgd", "fast", "nfgsm"])
 @pytest.mark.parametrize("name", [CONVNEXT, VIT])
 def test_every_method_trains_a_timm_model(name, method):
     model = tiny(name)
     before = [p.detach().clone() for p in model.parameters()]
     opt = runtime.build_optimizer(load_config(None, ["optim.name=adamw", "optim.lr=1e-3"]), model, 1)
     options = {"free": dict(eps=4 / 255, replays=2), "pgd": dict(eps=4 / 255, steps=2),
-               "fast": dict(eps=4 / 255)}.get(method, {})
+               "fast": dict(eps=4 / 255), "nfgsm": dict(eps=4 / 255)}.get(method, {})
     trainer = build_method(method, model, opt, grad_clip=1.0, **options)
     stats = trainer.train_step(torch.rand(4, 3, px(name), px(name)), torch.randint(0, 5, (4,)))
     assert torch.isfinite(torch.tensor(stats["loss"]))

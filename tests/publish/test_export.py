@@ -131,6 +131,19 @@ def test_card_describes_the_training_recipe(resnet_export):
     assert card["class_to_idx"] == CLASSES and card["input"]["val_resize"] == 36
     md = (out / "MODEL_CARD.md").read_text()
     assert "resize the shorter side to 36" in md and "0: cat, 1: dog, 2: owl" in md
+    assert t["eps_warmup_epochs_natural"] == 0 and "warmed up" not in md
+
+
+def test_card_states_the_eps_warm_up(tmp_path):
+    state = checkpoint.load(make_checkpoint(tmp_path / "epochs.pt"))
+    state["config"]["method"].update(eps_warmup_epochs=4, eps_warmup_start=0.25)
+    ckpt = checkpoint.save_atomic(state, tmp_path / "best.pt")
+    export_checkpoint(ckpt, tmp_path / "out")
+    t = json.loads((tmp_path / "out" / "model_card.json").read_text())["training"]
+    assert (t["eps_warmup_epochs_natural"], t["eps_warmup_start"]) == (4, 0.25)
+    md = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "training eps 0.0156863 (4/255), warmed up linearly from 0.25 x eps over 4 " \
+           "natural-training epochs (L-inf)" in md
 
 
 def step_budget_checkpoint(tmp_path: Path, **recorded) -> Path:
