@@ -157,9 +157,10 @@ def test_two_rank_vit_with_drop_path_and_random_starts_resumes_bit_for_bit(demo_
     vit = ["model.name=timm/vit_tiny_patch16_224", "model.kwargs={img_size: 32, patch_size: 4, "
            "depth: 2, embed_dim: 32, num_heads: 2, drop_path_rate: 0.5}",
            "optim.name=adamw", "optim.lr=1e-3", "method.name=fast", "optim.steps=8",
+           "optim.warmup_epochs=0",
            "data.loader=torchvision", "data.threads=1", "eval.probes_per_epoch=0",
            "eval.max_batches=1", "eval.steps=1", "data.batch_size=8", "run.amp=off",
-           "run.log_every=3"]
+           "run.log_every=5"]
     launch = torchrun("--standalone", "--nproc_per_node=2", PROBE)
 
     def run(name, **env):
