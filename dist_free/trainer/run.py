@@ -168,7 +168,7 @@ class Run:
             self.logged_through = {family: steps[key] for family, key in RESUME_KEYS.items()}
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch,
                  self.start_batch, self.global_step)
-        rank_local.restore(self, state, same_ranks(self, state))   # last: the RNGs as saved
+        rank_local.restore(self, state, same_ranks(self, state), path)   # last: the RNGs
 
     def restore_ema(self, saved: dict | None) -> None:
         if self.ema is None:

@@ -96,6 +96,6 @@ def test_a_checkpoint_without_rank_states_reseeds_and_says_why(caplog):
 def test_a_damaged_rank_state_is_a_checkpoint_error_naming_it():
     broken = saved_by(1)
     del broken[0]["rng"]["torch"]
-    with pytest.raises(CheckpointError, match="rank_local state of rank 0"):
-        rank_local.restore(a_run(), {rank_local.KEY: broken}, same_ranks=True)
+    with pytest.raises(CheckpointError, match="last.pt: the rank_local state of rank 0"):
+        rank_local.restore(a_run(), {rank_local.KEY: broken}, same_ranks=True, path="last.pt")
 

@@ -38,7 +38,7 @@ def gather(run) -> list[dict]:
     return distributed.gather_objects_to_main(capture(run))
 
 
-def restore(run, state: dict, same_ranks: bool) -> None:
+def restore(run, state: dict, same_ranks: bool, path="the checkpoint") -> None:
     """Hand this rank its own saved state back; the last step of a restore, after everything
     that draws random numbers while a run is built (the model's initialisation)."""
     saved = state.get(KEY)
@@ -47,7 +47,7 @@ def restore(run, state: dict, same_ranks: bool) -> None:
             hand_back(run, saved[run.d.rank])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise checkpoint.CheckpointError(
-                f"the checkpoint's {KEY} state of rank {run.d.rank} does not fit this run: "
+                f"{path}: the {KEY} state of rank {run.d.rank} does not fit this run (damaged?): "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         return
     environment.seed_everything(fresh_seed(run.cfg.run.seed, run.d.rank, run.global_step))
@@ -57,7 +57,7 @@ def restore(run, state: dict, same_ranks: bool) -> None:
                 "(run.seed, rank, step): dropout, drop-path and random starts draw other numbers "
                 "than the run left alone would have%s", run.global_step, why,
                 "; the train loader's own state is not handed back"
-                if saved and any(s["loader"] is not None for s in saved) else "")
+                if saved and any(s.get("loader") is not None for s in saved) else "")
     if run.d.is_main:
         run.tracker.set_tags({"resume.rng": f"reseeded at step {run.global_step}"})
 
