@@ -9,7 +9,6 @@ itself after its k-th step, as tests/train_probe.py does), to save the start-up 
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -153,11 +152,11 @@ def test_a_stop_at_a_probe_point_probes_first_on_resume_and_later_probes_match(
 @pytest.mark.slow
 def test_two_rank_vit_with_drop_path_and_random_starts_resumes_bit_for_bit(demo_root, tmp_path):
     """Each rank draws its own drop-path masks and random starts: each gets its own generator
-    back. The torchvision loader, whose iterator is rebuilt at the resume."""
+    back. The torchvision loader, whose iterator is rebuilt at the resume; AdamW and an EMA."""
     vit = ["model.name=timm/vit_tiny_patch16_224", "model.kwargs={img_size: 32, patch_size: 4, "
            "depth: 2, embed_dim: 32, num_heads: 2, drop_path_rate: 0.5}",
            "optim.name=adamw", "optim.lr=1e-3", "method.name=fast", "optim.steps=8",
-           "optim.warmup_epochs=0",
+           "optim.warmup_epochs=0", "optim.ema=0.9",
            "data.loader=torchvision", "data.threads=1", "eval.probes_per_epoch=0",
            "eval.max_batches=1", "eval.steps=1", "data.batch_size=8", "run.amp=off",
            "run.log_every=5"]
@@ -173,8 +172,5 @@ def test_two_rank_vit_with_drop_path_and_random_starts_resumes_bit_for_bit(demo_
     alone, resumed = last(tmp_path / "alone", "demo"), last(tmp_path / "stopped", "demo")
     rng = [s["rng"]["torch"] for s in resumed["rank_local"]]
     assert not torch.equal(*rng)                         # two ranks, two streams
+    assert resumed["ema"]["updates"] == 8
     assert_identical(alone, resumed)
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
