@@ -20,16 +20,16 @@ def test_a_window_carried_across_a_restart_logs_what_the_window_left_alone_would
     losses = [0.1, 2.3, 0.7, 1.9, 0.3, 1.1]    # sums whose rounding depends on their order
     alone = Window(CPU)
     steps(alone, losses)
-    expected, _ = alone.close(False, replays=4)
+    expected, _ = alone.close(False, passes=4)
 
     stopped = Window(CPU)
     steps(stopped, losses[:4])
-    stopped.close(True, replays=4, keep=True)           # the stop's own log line
+    stopped.close(True, passes=4, keep=True)           # the stop's own log line
     saved = stopped.state_dict()
     resumed = Window(CPU)
     resumed.load_state_dict(saved)
     steps(resumed, losses[4:])
-    metrics, stop = resumed.close(False, replays=4)
+    metrics, stop = resumed.close(False, passes=4)
     assert not stop
     assert (metrics["train/loss"], metrics["train/adv_acc"]) == \
         (expected["train/loss"], expected["train/adv_acc"])
@@ -42,7 +42,7 @@ def test_the_throughput_after_a_restart_counts_this_sessions_images(monkeypatch)
     monkeypatch.setattr(window_module.time, "perf_counter", lambda: 102.0)
     resumed.load_state_dict({"sums": torch.tensor([50.0, 30.0]), "images": 1_000})
     steps(resumed, [1.0])
-    metrics, _ = resumed.close(False, replays=4)
+    metrics, _ = resumed.close(False, passes=4)
     assert (metrics["perf/images_per_s"], metrics["perf/passes_per_s"]) == (8.0, 32.0)
     assert metrics["train/loss"] == (50.0 + 16.0) / (1_000 + 16)
 
@@ -50,5 +50,5 @@ def test_the_throughput_after_a_restart_counts_this_sessions_images(monkeypatch)
 def test_a_log_point_empties_the_window():
     window = Window(CPU)
     steps(window, [1.0, 2.0])
-    window.close(False, replays=1)
+    window.close(False, passes=1)
     assert window.state_dict()["images"] == 0 and window.sums.abs().sum() == 0
