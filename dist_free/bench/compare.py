@@ -8,10 +8,12 @@ its SGD-step budget set so that each run makes the same number of forward/backwa
 config's own method: a free replay, a natural step and an N-FGSM or FGSM-RS step's halves count
 one pass each, a PGD-k step k + 1 (engine.method_registry.passes_per_step). The budget is the
 config's `optim.steps` (SGD steps counting every replay), so the config must set it; step-schedule
-milestones are scaled with it. Each run's best.pt is then evaluated by the same command on the
-same val images (PGD-50 x 10 and standard AutoAttack unless --attack says otherwise), which also
-gives the gradient-masking verdict (dist_free.evaluation.masking). The table and the JSON beside
-it name the machine; the wall clock is the training process's, start to exit.
+milestones are scaled with it. A `method.step_size` the config sets is its own method's (PGD-7's
+2/255 would be a quarter of N-FGSM's step): every other method takes its own default step. Each
+run's best.pt is then evaluated by the same command on the same val images (PGD-50 x 10 and
+standard AutoAttack unless --attack says otherwise), which also gives the gradient-masking
+verdict (dist_free.evaluation.masking). The table and the JSON beside it name the machine; the
+wall clock is the training process's, start to exit.
 
 Training and evaluation run as their own commands (subprocesses), as a user would run them.
 """
@@ -45,6 +47,8 @@ def budgets(cfg, methods: list[str]) -> dict[str, dict]:
         cost = method_registry.passes_per_step(section)
         steps = max(1, round(passes / cost))
         overrides = [f"method.name={name}", f"optim.steps={steps}"]
+        if name != cfg.method.name and cfg.method.step_size is not None:
+            overrides.append("method.step_size=null")       # the method's own default step
         if cfg.optim.schedule == "step":
             scale = steps / cfg.optim.steps
             milestones = ",".join(str(max(1, round(m * scale))) for m in cfg.optim.milestones)

@@ -17,7 +17,7 @@ true class (attacks.py). So the config refuses optim.label_smoothing with free t
 The perturbation update is `free_update`, a pure function written once as plain tensor code;
 `FreeAdversarialTrainer` is the thin stateful wrapper that owns the buffers and calls it. Run
 eagerly (the CPU) the update writes into preallocated `UpdateWork` buffers: eight element-wise
-passes, nothing batch-sized allocated (a tensor eps costs a 0-dim negation);
+passes, nothing allocated (a tensor eps comes with its negation, `neg_eps`);
 `compiled_free_update` hands the very same function to torch.compile, which fuses it into one
 kernel (Triton on CUDA, Inductor's C++ backend on the CPU). Sharing the function is what makes
 the two paths agree bit for bit. Its geometry (sign step, eps clamp, [0, 1] clamp) is linf.py's,
@@ -62,7 +62,8 @@ class UpdateWork(NamedTuple):
 
 def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
                 found_inf: torch.Tensor | None, eps: Scalar, step_size: Scalar, x_adv: torch.Tensor,
-                next_input: bool, work: UpdateWork | None = None) -> None:
+                next_input: bool, work: UpdateWork | None = None,
+                neg_eps: Scalar | None = None) -> None:
     """Free training's perturbation update, in place.
 
     x: the clean batch; delta: this rank's fp32 buffer rows for it; grad: dL/d x_adv from the replay
@@ -78,12 +79,15 @@ def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
     (one tensor read and written in place: the compiled kernel would pay for an aliased output).
     `work`: reused scratch (eager, nothing batch-sized allocated); None computes the same
     operations as expressions, which under torch.compile cost nothing (the fused kernel keeps them
-    in registers). eps, step_size: floats, or 0-dim tensors on the buffers' device (linf.Scalar).
+    in registers). eps, step_size: floats, or 0-dim tensors on the buffers' device (linf.Scalar);
+    neg_eps: -eps, the ball's lower face (None: computed here, which for a tensor eps allocates a
+    0-dim tensor per call, hence the trainer passes `Radius.neg_eps_t`).
     The step is sign x mask x step_size, then added: exact products of +-1 or 0, so the eager and
     the fused update agree bit for bit whatever the step's type.
     """
+    low = -eps if neg_eps is None else neg_eps
     if work is None:
-        return _free_update_expr(x, delta, grad, found_inf, eps, step_size, x_adv, next_input)
+        return _free_update_expr(x, delta, grad, found_inf, low, eps, step_size, x_adv, next_input)
     pre, inside, step = work
     torch.add(x, delta, out=pre)
     torch.eq(x_adv, pre, out=inside)
@@ -99,20 +103,20 @@ def free_update(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor,
         delta.addcmul_(step, step_size)
     else:
         delta.add_(step, alpha=step_size)
-    delta.clamp_(-eps, eps)
+    delta.clamp_(low, eps)
     if next_input:
         torch.add(x, delta, out=x_adv).clamp_(0.0, 1.0)
 
 
-def _free_update_expr(x, delta, grad, found_inf, eps: Scalar, step_size: Scalar, x_adv,
-                      next_input: bool) -> None:
+def _free_update_expr(x, delta, grad, found_inf, low: Scalar, eps: Scalar, step_size: Scalar,
+                      x_adv, next_input: bool) -> None:
     """`free_update` without scratch: the same operations as expressions, for torch.compile to fuse
     (its graphs refuse `out=` into non-contiguous tensors, and channels_last batches are that)."""
     inside = torch.eq(x_adv, x + delta).float()
     step = grad.float().sign()
     if found_inf is not None:
         step = step.masked_fill(found_inf > 0, 0.0)
-    delta.add_(step * inside * step_size).clamp_(-eps, eps)
+    delta.add_(step * inside * step_size).clamp_(low, eps)
     if next_input:
         x_adv.copy_((x + delta).clamp(0.0, 1.0))
 
@@ -237,7 +241,7 @@ class FreeAdversarialTrainer(StepBase):
                 self.update(images, delta, x_adv.grad,
                              found_inf=found_inf if self.scaler is not None else None,
                              eps=self.radius.eps_t, step_size=self.radius.step_t, x_adv=x_adv_buf,
-                             next_input=not last, work=work)
+                             next_input=not last, work=work, neg_eps=self.radius.neg_eps_t)
                 loss_sum += loss.detach()
                 correct += (logits.argmax(1) == classes).sum()
         return batch_stats(loss_sum, correct, self.replays, b)

@@ -81,14 +81,15 @@ class Radius:
     training's compiled update take them as tensor inputs, so a new eps neither recompiles a
     graph (a Python float would be baked into it as a constant) nor syncs with the host. `now`
     is eps_t's host copy, for the log and for skipping an unchanged value (after the warm-up
-    `set` launches nothing)."""
+    `set` launches nothing). `neg_eps_t` is -eps_t, kept so that free training's eager update
+    does not allocate the negation on every replay."""
 
     def __init__(self, eps: float, step_size: float, device: torch.device, noise: float = 0.0):
         self.eps, self.step_size, self.noise_size = float(eps), float(step_size), float(noise)
         self.now = self.eps
-        self.eps_t, self.step_t, self.noise_t = (
+        self.eps_t, self.neg_eps_t, self.step_t, self.noise_t = (
             torch.full((), v, dtype=torch.float32, device=device)
-            for v in (self.eps, self.step_size, self.noise_size))
+            for v in (self.eps, -self.eps, self.step_size, self.noise_size))
 
     def set(self, eps: float) -> None:
         """eps_t = `eps` (pixel units, 0 <= eps <= the method's eps) from the next attack on."""
@@ -98,6 +99,7 @@ class Radius:
             return
         scale = eps / self.eps
         self.eps_t.fill_(eps)
+        self.neg_eps_t.fill_(-eps)
         self.step_t.fill_(self.step_size * scale)
         self.noise_t.fill_(self.noise_size * scale)
         self.now = eps

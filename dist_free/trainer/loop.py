@@ -109,8 +109,8 @@ def train_one_epoch(run: Run) -> str:
             passes = cfg.replays * method_registry.passes_per_step(cfg.method)
             metrics, stop = window.close(run.preemption.requested, passes, keep=not log_point)
             metrics["train/lr"] = lr
-            if eps is not None:
-                metrics["train/eps"] = eps
+            if eps is not None:     # the eps the method attacked with, not the schedule's
+                metrics["train/eps"] = run.method.radius.now
             run.log_metrics(metrics, run.global_step)
             progress.update(i + 1, progress_text(metrics))
             if stop:

@@ -63,3 +63,13 @@ def test_two_methods_train_and_evaluate_on_the_same_images(tmp_path):
                for r in rows)
     table = (out / "compare.md").read_text()
     assert "| natural | 16 | 16 |" in table and "| fast | 8 | 16 |" in table
+
+
+def test_a_step_size_the_config_sets_stays_with_its_own_method():
+    """PGD-7's 2/255 is not N-FGSM's, FGSM-RS's or free training's step: they take their own."""
+    cfg = load_config(ROOT / "configs/cifar10/pgd7.yaml")      # method.step_size: 2/255
+    plans = compare.budgets(cfg, ["pgd", "nfgsm", "fast", "free"])
+    assert "method.step_size=null" not in plans["pgd"]["overrides"]
+    for name in ("nfgsm", "fast", "free"):
+        run_cfg = load_config(ROOT / "configs/cifar10/pgd7.yaml", plans[name]["overrides"])
+        assert run_cfg.method.name == name and run_cfg.method.step_size is None

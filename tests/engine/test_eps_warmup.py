@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers_nets import minibatches, sgd, tiny_net
 from torch._dynamo.testing import CompileCounter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_free.engine import free
 from dist_free.engine.methods import build_method
@@ -173,3 +174,29 @@ def test_changing_eps_does_not_recompile_the_attacks(name, options):
         delta = attack(x, y)
         assert delta.abs().max() <= 3 * eps_now + 1e-6
     assert counter.frame_count == 1
+
+
+class OpNames(TorchDispatchMode):
+    """The name of every aten op run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_eager_free_update_negates_no_eps_per_replay():
+    """The ball's lower face is the Radius's -eps_t, rewritten with eps_t: the eager update (the
+    CPU's) allocates no 0-dim negation on every replay, and the clamp still follows eps now."""
+    model = tiny_net()
+    trainer = build_method("free", model, sgd(model), eps=EPS, replays=3, fused=False)
+    x, y = minibatches([8])[0]
+    trainer.set_eps(EPS / 4)
+    with OpNames() as ops:
+        trainer.train_step(x, y)
+    assert "neg.default" not in ops.names
+    delta = trainer.perturbation
+    assert delta.min() >= -EPS / 4 - 1e-7 and delta.min() <= -EPS / 4 + 1e-7
