@@ -5,9 +5,11 @@ Layout of a run directory:
     <run_dir>/checkpoints/best.pt   the state with the best robust (PGD) validation accuracy
 
 A checkpoint holds the model (unwrapped), optimizer, the method's shared state (its GradScaler),
-epoch and step counters, the class-index map, the resolved config, the MLflow run id, and each
+epoch and step counters, the class-index map, the resolved config, the MLflow run id, each
 rank's own method state (`rank_states`: free training's perturbation buffer, whose warm start is
-training state, not a cache).
+training state, not a cache), and each rank's local state (`rank_local`: where its random
+generators stand, its train loader's own state, its open log window; trainer/resume/rank_local.py),
+which only the same rank of the same world size takes back.
 """
 
 from __future__ import annotations

@@ -105,6 +105,17 @@ def gather_to_main(t: torch.Tensor) -> list[torch.Tensor]:
     return out or []
 
 
+def gather_objects_to_main(obj) -> list:
+    """Every rank's `obj` (small: RNG states, a loader's position), on rank 0 only (others get
+    []). torch pickles them between this job's own ranks; nothing here is read from a file."""
+    if not dist.is_initialized():
+        return [obj]
+    main = dist.get_rank() == 0
+    out = [None] * dist.get_world_size() if main else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -41,6 +41,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state(device: torch.device) -> dict:
+    """Where the RNGs `seed_everything` seeds stand now: torch's CPU generator, `device`'s CUDA
+    generator (draws on a GPU come from it: dropout, drop-path, random starts) and Python's.
+    Tensors and tuples of ints only, so a checkpoint holding it loads with weights_only=True."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Put the RNGs back where `rng_state` found them (a CUDA state only on a CUDA device)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """CUDA: peak allocated tensors; CPU: the process's peak resident set size."""
     if device.type == "cuda":

@@ -2,7 +2,11 @@
 
 Each sample's random crop, flip and policy ops (data.auto_augment, torchvision_augment.py) come
 from a generator seeded by (loader seed, epoch, rank, position in the shard), so the order *and*
-the augmentation repeat for a seed regardless of how many worker processes decode.
+the augmentation repeat for a seed regardless of how many worker processes decode, and an epoch
+resumed at batch k gives the same batches k, k+1, ... as the epoch left alone. Iterating takes
+nothing from torch's global generator either (a DataLoader draws its workers' base seed from it
+unless given one), so a resume that starts a new iterator mid-epoch leaves the training's own
+draws (dropout, random starts) where they were.
 
 A file that cannot be decoded ends the epoch with a one-line DataError naming it. The error
 travels from the worker as a value, not an exception: DataLoader re-raises a worker's exception
@@ -95,8 +99,12 @@ def train_transform(augment: Augment):
 
 
 class ShardDataset(Dataset):
-    def __init__(self, files, labels, transform, seed: int | None):
+    """files[i] is the shard's image at position `first + i`; its augmentation is seeded by
+    seed + that position, wherever the epoch was started."""
+
+    def __init__(self, files, labels, transform, seed: int | None, first: int = 0):
         self.files, self.labels, self.transform, self.seed = files, labels, transform, seed
+        self.first = first
 
     def __len__(self) -> int:
         return len(self.files)
@@ -109,7 +117,7 @@ class ShardDataset(Dataset):
         if self.seed is None:
             return self.transform(image), self.labels[i]
         with torch.random.fork_rng(devices=[]):  # torchvision's random ops use the global RNG
-            torch.manual_seed(self.seed + i)
+            torch.manual_seed(self.seed + self.first + i)
             return self.transform(image), self.labels[i]
 
 
@@ -123,11 +131,15 @@ class FolderLoader(ShardedLoader):
     def batches(self, files, labels):
         train = self.split == "train"
         dataset = ShardDataset(files, labels, (train_transform if train else val_transform)(
-            self.augment), self.augment_seed() * 1_000_000 if train else None)
+            self.augment), self.augment_seed() * 1_000_000 if train else None,
+            first=self.start_batch * self.batch_size)
+        # Its own generator: the workers' base seed (unused, ShardDataset seeds each sample)
+        # would otherwise be drawn from the global RNG at every epoch, evaluation and resume.
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
                             num_workers=self.num_workers, drop_last=False,
                             pin_memory=self.format.device.type == "cuda",
-                            persistent_workers=False, collate_fn=collate)
+                            persistent_workers=False, collate_fn=collate,
+                            generator=torch.Generator())
         for batch in loader:
             if isinstance(batch, Failed):
                 raise DataError(batch.message)

@@ -61,6 +61,22 @@ class ShardedLoader:
         """start_batch > 0 resumes an interrupted epoch: the same shuffle, minus the batches done."""
         self.epoch, self.start_batch = epoch, start_batch
 
+    def state_dict(self) -> dict | None:
+        """What this rank's loader must keep across a restart beyond (epoch, start_batch), or
+        None: nothing. A loader whose batches depend only on (seed, epoch, rank, position in
+        the shard) needs nothing (the resident and torchvision loaders draw theirs so); one
+        whose random stream or reader has a state of its own (a pipeline with a running
+        generator, a reader with its own checkpoint) returns it here. The trainer saves it with
+        the run, as this rank's own, at every checkpoint (mid-epoch too), so it must be plain
+        data that torch.load(weights_only=True) reads back: tensors, numbers, strings, lists,
+        dicts."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """The `state_dict()` this rank saved, handed back once when a run resumes on the same
+        world size and global batch, before its first `set_epoch` (elsewhere the loader starts
+        from (epoch, start_batch) alone). Nothing to restore here."""
+
     def shard(self) -> list[int]:
         if self.split == "train":
             return train_shard(len(self.listing), self.batch_size, self.rank, self.world_size,

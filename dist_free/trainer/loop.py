@@ -2,25 +2,25 @@
 
 `Run.start` builds (or resumes) everything a run needs; `fit` runs it. The step loop reads
 nothing back from the device except once per `run.log_every` steps, where one small all-reduce
-carries the window's loss/accuracy sums and the preemption flag; a stop request reaches every
-rank one step after it was made through a CPU-side vote (stop_vote.py), so every rank stops at
-the same step, soon.
+carries the window's loss/accuracy sums and the preemption flag (window.py); a stop request
+reaches every rank one step after it was made through a CPU-side vote (stop_vote.py), so every
+rank stops at the same step, soon. A stop mid-epoch saves where everything stands, each rank's
+RNGs included (resume/rank_local.py), and a probe it came before is run first at the next start:
+resumed on the same ranks, the run goes on as if it had not stopped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 
-import torch
-
-from dist_free import checkpoint, distributed, environment, precision
+from dist_free import checkpoint, distributed, precision
 from dist_free.config import SELECTION_FIGURES
 from dist_free.engine import method_registry
 from dist_free.progress import Progress
 from dist_free.publish.export import export_checkpoint
 from dist_free.trainer import augmentation, schedule, validation
+from dist_free.trainer.resume import rank_local
 from dist_free.trainer.run import Run
 
 log = logging.getLogger("dist_free.train")
@@ -77,16 +77,18 @@ def run_epochs(run: Run) -> str:
 def train_one_epoch(run: Run) -> str:
     """One epoch (or its remainder after a resume): "done", "stopped" (a stop signal) or
     "collapsed" (the probe saw robust accuracy collapse and eval.on_collapse is not warn)."""
-    cfg, loader = run.cfg, run.train_loader
+    cfg, loader, window = run.cfg, run.train_loader, run.window
     loader.set_epoch(run.epoch, run.start_batch)
     steps = cfg.batches_in_epoch(run.done_before_epoch, len(loader))
-    window = Window(run.d.device)
+    window.restart_clock()
     # A log line at every log point (run.log_every steps), as the metrics are logged.
     progress = Progress(f"epoch {run.epoch + 1}/{run.real_epochs()}", steps, done=run.start_batch,
                         enabled=run.d.is_main, mode=cfg.run.progress, log_every_s=0)
-    batches = iter(loader)
     probes = validation.probe_points(steps, cfg.eval.probes_per_epoch)
     augment = augmentation.build(cfg, run.d)        # data.mixup/cutmix/reprob; None: none
+    if run.probe_pending and (outcome := probe_now(run)):   # the last session stopped before it
+        return leave_epoch(run, progress, outcome)
+    batches = iter(loader)
     for i in range(run.start_batch, steps):
         images, labels = window.wait_for(batches)
         if augment is not None:     # once per minibatch: every replay sees the same batch
@@ -102,24 +104,33 @@ def train_one_epoch(run: Run) -> str:
         run.global_step, run.start_batch = run.global_step + 1, i + 1
         # Every rank learns of a stop one step after it was asked, not at the next log point.
         stop = run.stop_vote.poll(run.preemption.requested)
-        if stop or run.global_step % cfg.run.log_every == 0 or i + 1 == steps:
-            metrics, stop = window.close(run.preemption.requested,
-                                         cfg.replays * method_registry.passes_per_step(cfg.method))
+        log_point = run.global_step % cfg.run.log_every == 0 or i + 1 == steps
+        if stop or log_point:
+            passes = cfg.replays * method_registry.passes_per_step(cfg.method)
+            metrics, stop = window.close(run.preemption.requested, passes, keep=not log_point)
             metrics["train/lr"] = lr
             if eps is not None:
                 metrics["train/eps"] = eps
             run.log_metrics(metrics, run.global_step)
             progress.update(i + 1, progress_text(metrics))
             if stop:
+                run.probe_pending = i + 1 in probes     # the next start probes before training
                 return leave_epoch(run, progress, "stopped")
-        if i + 1 in probes:
-            try:
-                collapsed = run_probe(run)
-            except validation.Stopped:      # a stop request met during the probe
-                return leave_epoch(run, progress, "stopped")
-            if collapsed:
-                return leave_epoch(run, progress, "collapsed")
+        if i + 1 in probes and (outcome := probe_now(run)):
+            return leave_epoch(run, progress, outcome)
     return leave_epoch(run, progress, "done")
+
+
+def probe_now(run: Run) -> str | None:
+    """The probe due at this step: None to train on, else how the epoch ends ("stopped": it
+    stays pending and the next start runs it first; "collapsed")."""
+    run.probe_pending = True
+    try:
+        collapsed = run_probe(run)
+    except validation.Stopped:      # a stop request met during the probe
+        return "stopped"
+    run.probe_pending = False
+    return "collapsed" if collapsed else None
 
 
 def leave_epoch(run: Run, progress: Progress, outcome: str) -> str:
@@ -165,43 +176,6 @@ def stop_on_collapse(run: Run) -> str:
     return "FAILED"
 
 
-class Window:
-    """Sums over the steps between two log points, kept on the device until the log point."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums = torch.zeros(2, device=self.device)   # loss * n, correct
-        self.count, self.started, self.waited = 0, time.perf_counter(), 0.0
-
-    def wait_for(self, batches):
-        t = time.perf_counter()
-        batch = next(batches)
-        self.waited += time.perf_counter() - t
-        return batch
-
-    def add(self, stats, n: int) -> None:
-        s = stats.tensors
-        self.sums += torch.stack([s["loss"] * n, s["acc"] * n])
-        self.count += n
-
-    def close(self, stop_requested: bool, passes: int) -> tuple[dict, bool]:
-        """One all-reduce (and so one sync) per window: metric sums plus the stop flag. passes:
-        forward/backward passes per minibatch (free's replays; PGD-k's k + 1)."""
-        host = torch.tensor([float(self.count), float(stop_requested)], device=self.device)
-        totals = distributed.all_reduce_sum(torch.cat([self.sums, host])).tolist()
-        loss, correct, n, stops = totals
-        elapsed = time.perf_counter() - self.started
-        metrics = {"train/loss": loss / n, "train/adv_acc": correct / n,
-                   "perf/images_per_s": n / elapsed, "perf/passes_per_s": n * passes / elapsed,
-                   "perf/data_wait_frac": min(self.waited / elapsed, 1.0),
-                   "perf/peak_mem_gb": environment.peak_memory_bytes(self.device) / 2**30}
-        self.reset()
-        return metrics, stops > 0
-
-
 def evaluate_epoch(run: Run) -> bool:
     """The epoch's evaluation, selection and final save; False if a stop request cut it short
     (the checkpoint saved before it stays, marked eval_pending, and the next start redoes it)."""
@@ -236,6 +210,7 @@ def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
     """All ranks send their own method state to rank 0, which writes last.pt (and best.pt when
     `report` beats the best selection metric so far)."""
     rank_states = gather_rank_states(run)
+    local = rank_local.gather(run)
     is_best = report is not None and report["selection_metric"] > run.best_metric
     if is_best:
         run.best_metric = report["selection_metric"]
@@ -246,7 +221,8 @@ def save(run: Run, report: dict | None = None, batch_in_epoch: int = 0,
                  # a step budget's length in epochs depends on it: the model card states it
                  "batches_per_epoch": len(run.train_loader), "length_since": run.length_since,
                  "best_metric": run.best_metric, "probe_best": run.guard.best,
-                 "eval_pending": eval_pending, "class_to_idx": run.train_loader.class_to_idx,
+                 "eval_pending": eval_pending, "probe_pending": run.probe_pending,
+                 rank_local.KEY: local, "class_to_idx": run.train_loader.class_to_idx,
                  "config": run.cfg.to_dict(), "mlflow_run_id": run.tracker.run_id,
                  "git_commit": run.commit, "world_size": run.d.world_size, "eval": report,
                  "data": run.data, "ema": run.ema.state_dict() if run.ema is not None else None}

@@ -20,9 +20,10 @@ from dist_free.engine.ema import ModelEMA
 from dist_free.engine.step_base import StepBase
 from dist_free.tracking import build_tracker, environment_tags
 from dist_free.trainer import runtime, validation
-from dist_free.trainer.resume import data_guard, redeal
+from dist_free.trainer.resume import data_guard, rank_local, redeal
 from dist_free.trainer.stops.preemption import Preemption
 from dist_free.trainer.stops.stop_vote import StopVote
+from dist_free.trainer.window import Window
 
 log = logging.getLogger("dist_free.train")
 
@@ -63,6 +64,8 @@ class Run:
                                       # (> 0: a resume changed the global batch)
     best_metric: float = -1.0         # best eval.select_on figure on the selection split
     eval_pending: bool = False        # the epoch's checkpoint is saved, its evaluation is not
+    probe_pending: bool = False       # stopped at a probe point before (or during) its probe
+    window: Window | None = None      # the open log window's sums (trainer/window.py)
     guard: validation.CollapseGuard | None = None
     ema: ModelEMA | None = None       # when optim.ema is set
     # Per metric family, the last step MLflow has (or an earlier session's journal will send):
@@ -116,7 +119,7 @@ class Run:
                   holdout_loader, tracker, amp_dtype, hooks=hooks or Hooks(),
                   guard=validation.CollapseGuard(cfg.eval.collapse_drop,
                                                  cfg.eval.collapse_armed_at), data=data,
-                  ema=runtime.build_ema(cfg, model))
+                  ema=runtime.build_ema(cfg, model), window=Window(d.device))
         if changes and d.is_main:
             tracker.set_tags({"resume.accepted_data_changes": "; ".join(changes.values())})
         if state is not None:
@@ -158,12 +161,14 @@ class Run:
             if saved_length in (None, len(self.train_loader)) else self.epoch
         self.best_metric = resumed_best_metric(state, self.cfg)
         self.eval_pending = state.get("eval_pending", False)
+        self.probe_pending = state.get("probe_pending", False)
         self.guard.best = state.get("probe_best", -1.0)
         if self.d.is_main:
             steps = self.tracker.steps_logged(RESUME_KEYS.values())
             self.logged_through = {family: steps[key] for family, key in RESUME_KEYS.items()}
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch,
                  self.start_batch, self.global_step)
+        rank_local.restore(self, state, same_ranks(self, state), path)   # last: the RNGs
 
     def restore_ema(self, saved: dict | None) -> None:
         if self.ema is None:
@@ -205,7 +210,7 @@ def own_rank_state(run: Run, state: dict) -> dict:
     ranks' saved state (resume/redeal.py), with the change logged and tagged."""
     saved_world = state.get("world_size", 1)
     before, now = global_batches(run, state)
-    if saved_world == run.d.world_size and before == now:
+    if same_ranks(run, state):
         return checkpoint.rank_state(state, run.d.rank)
     check_global_batch(run, state)
     saved = [checkpoint.rank_state(state, r) for r in range(saved_world)]
@@ -220,6 +225,13 @@ def own_rank_state(run: Run, state: dict) -> dict:
         run.tracker.set_tags({"world_size": str(run.d.world_size), "resume.world_size": change,
                               "resume.perturbations": deal.describe() if deal else "none"})
     return mine
+
+
+def same_ranks(run: Run, state: dict) -> bool:
+    """Whether this run has the checkpoint's ranks, each with its own batch: the same world
+    size and global batch. Then each rank's saved state is its own to continue."""
+    before, now = global_batches(run, state)
+    return state.get("world_size", 1) == run.d.world_size and before == now
 
 
 def global_batches(run: Run, state: dict) -> tuple[int, int]:

@@ -113,6 +113,30 @@ def test_the_same_seed_with_epoch_repeats_order_with_augmentation(coded, kind):
     assert order(first) != order(epoch_batches(4, 2))
 
 
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    """16 smooth, non-flat training images: their crops and flips show in the pixels."""
+    root = tmp_path_factory.mktemp("textured")
+    for i in range(16):
+        write_textured(root / "train" / f"c{i % 2}" / f"{i}.JPEG", 40, 32, seed=i)
+    return root
+
+
+def test_torchvision_resumed_mid_epoch_gives_the_remaining_batches_augmented_alike(textured):
+    """An epoch resumed at batch 1 is the epoch left alone minus its first batch, crops and
+    flips included, and iterating leaves torch's global generator where it was (a DataLoader
+    would draw its workers' seed from it at each new iterator: one more draw at every resume)."""
+    run = loader("torchvision", textured, "train", min_area=0.08)
+    run.set_epoch(1)
+    before = torch.get_rng_state()
+    whole = [images for images, _ in run]
+    run.set_epoch(1, start_batch=1)
+    rest = [images for images, _ in run]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(whole) == 4 and len(rest) == 3
+    assert all(torch.equal(a, b) for a, b in zip(whole[1:], rest))
+
+
 @pytest.mark.parametrize("kind", LOADERS + ["synthetic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])

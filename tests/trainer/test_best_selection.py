@@ -13,6 +13,7 @@ from dist_free.config import load_config
 from dist_free.distributed import DistInfo
 from dist_free.trainer import loop, validation
 from dist_free.trainer.run import Hooks, resumed_best_metric
+from dist_free.trainer.window import Window
 
 # Two evaluations that disagree: epoch 1 is the cleaner, epoch 2 the more robust.
 EVALUATIONS = {1: {"clean": 0.70, "pgd": 0.20}, 2: {"clean": 0.60, "pgd": 0.30}}
@@ -41,7 +42,8 @@ def fake_run(tmp_path, select_on: str):
         epoch=0, global_step=0, length_since=0, best_metric=-1.0,
         guard=validation.CollapseGuard(drop=0.5), run_dir=tmp_path, data={}, commit="test",
         tracker=SimpleNamespace(run_id=None, log_artifact=lambda *a: None),
-        log_metrics=lambda *a: None, hooks=Hooks())
+        log_metrics=lambda *a: None, hooks=Hooks(), window=Window(torch.device("cpu")),
+        probe_pending=False)
 
 
 def train_two_epochs(tmp_path, monkeypatch, select_on: str) -> dict:
