@@ -1,7 +1,7 @@
-"""The ConvNeXt and ViT presets free-train a few steps on the demo digits with every setting of
-their recipe kept but the net's size, the data and the run's length: ARES's RandAugment in the
-loader, mixup/cutmix and random erasing on the device batch and the eps warm-up for ConvNeXt; the
-light recipe's eps warm-up, drop path and no heavy augmentation for the ViT."""
+"""The ConvNeXt and ViT presets free-train a few steps on the demo digits, their recipes in force
+but for the net's size, the data, the batch, the evaluation's size and the run's length: ARES's
+RandAugment in the loader, mixup/cutmix and random erasing on the device batch and the eps warm-up
+for ConvNeXt; the light recipe's eps warm-up, drop path and no heavy augmentation for the ViT."""
 
 from pathlib import Path
 
