@@ -4,6 +4,7 @@ adds no graph; a compiler that fails leaves training eager with one message. The
 
 import copy
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +14,7 @@ from torch._dynamo.utils import counters
 from dist_free.config import ConfigError, load_config
 from dist_free.distributed import DistInfo
 from dist_free.engine.free import FreeAdversarialTrainer
-from dist_free.evaluation.robust_eval import evaluate
-from dist_free.trainer import runtime
+from dist_free.trainer import runtime, validation
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)   # no GPU needed to name one
 
@@ -51,15 +51,18 @@ def test_auto_on_a_cpu_trains_the_bare_model():
 
 
 def test_an_evaluation_after_training_compiles_no_graph():
-    """Training compiles one graph; PGD evaluation of the bare model in eval mode on val batches
-    of other sizes (a partial last one included), then more training, compile nothing more."""
+    """Training compiles one graph; the trainer's PGD evaluation (validation.pgd_accuracy: eval
+    mode, val batches of other sizes, a partial last one), then more training, compile nothing
+    more."""
     model, net, trainer = compiled_trainer()
     for x, y in minibatches([8, 8]):
         trainer.train_step(x, y)
     assert net.stage == "compiled"
     assert counters["stats"]["unique_graphs"] == 1
-    report = evaluate(model, minibatches([5, 3], seed=3), eps_values=[4 / 255], steps=2,
-                      step_size=None, restarts=1, amp_dtype=None)
+    run = SimpleNamespace(cfg=load_config(None, ["model.compile=true"]), d=DistInfo(), model=model,
+                          ema=None, preemption=SimpleNamespace(requested=False))
+    report = validation.pgd_accuracy(run, minibatches([5, 3], seed=3), steps=2, restarts=1,
+                                     max_batches=None)
     assert report["samples"] == 8
     for x, y in minibatches([8], seed=4):
         trainer.train_step(x, y)
