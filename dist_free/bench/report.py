@@ -268,7 +268,7 @@ def gpu_check_table(result: dict) -> str:
             f"{env['python']}; speed checks {sizes['model']} {sizes['image_size']} px, batch "
             f"{sizes['batch']}, {sizes['dtype']}; commit {env['commit']}, {env['date']}.",
             f"{summary['PASS']} PASS, {summary['FAIL']} FAIL, {summary['SKIP']} SKIP{total}.", ""]
-    rows = [[f"`{name}`", c["status"], c["figure"].replace("|", "/"), f"{c['seconds']:.0f}"]
+    rows = [[f"`{name}`", c["status"], c["figure"].replace("|", "/"), f"{c['check_s']:.0f}"]
             for name, c in result["checks"].items()]
     return "\n".join(head + table(["check", "status", "figure (floors beside their figures)", "s"],
                                   rows)) + "\n"

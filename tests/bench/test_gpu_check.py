@@ -120,7 +120,10 @@ CUDA = torch.device("cuda", 0)   # named only: the fed checks below never touch 
 
 def measured_step(free_replay: float) -> dict:
     ratio = {"median": free_replay}
-    return {"images_per_s_natural": 4585.0, "ratios": {"free_replay/natural_step": ratio,
+    # timing.step_cost's shape, its "seconds" included (the run's table must not confuse it with
+    # the check's own duration)
+    return {"images_per_s_natural": 4585.0, "seconds": {"natural_step": {"median": 0.0558}},
+            "ratios": {"free_replay/natural_step": ratio,
             "pgd7_step/natural_step": {"median": 7.7}, "fgsm_rs_step/natural_step": {"median": 1.9}}}
 
 
@@ -193,14 +196,15 @@ def test_a_compile_that_fell_back_to_eager_fails_the_compiled_check():
 
 
 def test_the_exit_status_is_1_when_any_check_fails(tmp_path, monkeypatch):
+    slow = fed("step_speed", CUDA, measured_step(1.3))      # before CHECKS is replaced
     passing = {"fine": lambda s, d: gpu_check.Result("PASS", "ok")}
     monkeypatch.setattr(gpu_check, "CHECKS", passing)
     assert gpu_check.main("cpu", tmp_path / "a.json", None) == 0
-    monkeypatch.setattr(gpu_check, "CHECKS", {
-        **passing, "slow_replay": lambda s, d: fed("step_speed", CUDA, measured_step(1.3))})
+    monkeypatch.setattr(gpu_check, "CHECKS", {**passing, "slow_replay": lambda s, d: slow})
     assert gpu_check.main("cpu", tmp_path / "b.json", None) == 1
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["checks"]["slow_replay"]["status"] == "FAIL"
+    assert "traceback" not in saved["checks"]["slow_replay"]      # failed on its floor, not raised
     assert "| `slow_replay` | FAIL |" in (tmp_path / "b.md").read_text()
 
 
