@@ -102,10 +102,10 @@ class CompiledModel(torch.nn.Module):
     raised as such. (A failure in the backward graph alone would surface at the first backward,
     in the method, outside this wrapper.)
 
-    Only training calls this wrapper. Evaluation, the probes and the EMA run the bare module
-    (the same parameters) in eval mode on val batches of other sizes, so they add no graph and
-    no recompile; training batches have one shape (the loaders drop the last partial global
-    batch), hence dynamic=False: one static graph per call signature.
+    Only training calls this wrapper. Evaluation and the probes run the bare module (the same
+    parameters) or the EMA's copy, in eval mode on val batches of other sizes, so they add no
+    graph and no recompile; training batches have one shape (the loaders drop the last partial
+    global batch), hence dynamic=False: one static graph per call signature.
     """
 
     def __init__(self, net: torch.nn.Module, backend: str | Callable = "inductor"):
@@ -147,8 +147,8 @@ class CompiledModel(torch.nn.Module):
             if self.first_step_s is None:
                 self.first_step_s = time.perf_counter() - start
                 log.info("model.compile: the first forward and backward took %.1f s (forward "
-                         "%.1f s), compiling as torch.compile does at the first step; later "
-                         "steps reuse the graphs", self.first_step_s, forward_s)
+                         "%.1f s): torch.compile compiles at the first step, and later steps "
+                         "reuse its graphs", self.first_step_s, forward_s)
             handle.remove()
         if params:
             handle = torch.autograd.graph.register_multi_grad_hook(params, done, mode="all")
