@@ -42,7 +42,9 @@ class ModelConfig:
     num_classes: int = 1000
     channels_last: bool = True       # NHWC: faster convolutions under autocast on GPUs
     sync_bn: bool = False            # BatchNorm statistics over all ranks (small per-rank batches)
-    compile: bool = False            # torch.compile the model
+    compile: bool | Literal["auto"] = "auto"   # torch.compile the model (as trained; evaluation
+                                     # runs it uncompiled); auto: on CUDA, off on a CPU, where
+                                     # it measured no gain (see dist_free.trainer.runtime)
     # timm architectures (model.name: timm/<name>, see dist_free.engine.timm_models): arguments timm's
     # create_model takes, as data, e.g. {img_size: 32, patch_size: 4, drop_path_rate: 0.1}
     kwargs: dict = field(default_factory=dict)

@@ -263,6 +263,25 @@ def format_table(result: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def gpu_check_table(result: dict) -> str:
+    """`--gpu-check`'s run as Markdown for bench/RESULTS.md: what it ran on, then one row per
+    check with its status and figure, each speed or memory figure beside its floor."""
+    env, sizes = result["environment"], result["sizes"]
+    summary = result.get("summary") or {k: sum(c["status"] == k for c in result["checks"].values())
+                                        for k in ("PASS", "FAIL", "SKIP")}
+    total = f" in {result['total_s']:.0f} s" if "total_s" in result else " (cut short)"
+    head = [f"## {env.get('gpu') or env['device']} (GPU check)", "",
+            f"{env.get('gpu') or env['device']}, driver {env.get('driver') or 'n/a'}, torch "
+            f"{env['torch']}, CUDA {env['cuda']}, DALI {env['dali'] or 'not importable'}, Python "
+            f"{env['python']}; speed checks {sizes['model']} {sizes['image_size']} px, batch "
+            f"{sizes['batch']}, {sizes['dtype']}; commit {env['commit']}, {env['date']}.",
+            f"{summary['PASS']} PASS, {summary['FAIL']} FAIL, {summary['SKIP']} SKIP{total}.", ""]
+    rows = [[f"`{name}`", c["status"], c["figure"].replace("|", "/"), f"{c['check_s']:.0f}"]
+            for name, c in result["checks"].items()]
+    return "\n".join(head + table(["check", "status", "figure (floors beside their figures)", "s"],
+                                  rows)) + "\n"
+
+
 def markers(device: str) -> tuple[str, str]:
     return f"<!-- bench: {device} -->", f"<!-- /bench: {device} -->"
 

@@ -6,6 +6,10 @@ pipeline from a checkpoint's config.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -19,6 +23,8 @@ from dist_free.engine.ema import ModelEMA
 from dist_free.engine.models import build_model
 from dist_free.engine.step_base import StepBase
 from dist_free.trainer.schedule import base_lr
+
+log = logging.getLogger("dist_free.train")
 
 
 def build_loader(cfg: Config, d: DistInfo, split: str, class_to_idx: dict | None = None,
@@ -71,16 +77,109 @@ def build_ema(cfg: Config, model: torch.nn.Module) -> ModelEMA | None:
     return ModelEMA(model, cfg.optim.ema) if cfg.optim.ema else None
 
 
-def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
-    """Global-batch BatchNorm (model.sync_bn), DDP and torch.compile around the bare model, as
-    configured. sync_bn converts the model's BatchNorms in place (same parameters and buffers)."""
+def compile_wanted(cfg: Config, device: torch.device) -> bool:
+    """model.compile resolved for `device`: auto compiles on CUDA only. On an H200 it made a
+    ResNet-50 natural step 1.43x faster (README, "Benchmarks"); on this project's 2-core CPU it
+    measured no gain (bench/RESULTS.md, "model.compile on the CPU") and costs minutes of
+    C++ compilation per run."""
+    wanted = cfg.model.compile
+    return device.type == "cuda" if wanted == "auto" else bool(wanted)
+
+
+class CompiledModel(torch.nn.Module):
+    """`net` run by torch.compile, its first step timed, with a fallback to eager.
+
+    torch.compile compiles lazily: the forward graph at the first call and, through AOTAutograd,
+    the backward graph at the first backward. The cold compile time is therefore measured from
+    the first call to the end of the first backward that reaches the weights, not by a warm-up
+    step: a warm-up would move the weights, BatchNorm statistics and optimizer state before
+    training (or need them saved and restored), and under DDP its backward is a collective that
+    every rank must join. Nothing is timed after that, and nothing ever waits for the device:
+    later calls go straight to the compiled module.
+
+    A compiler that fails (no C++ compiler, an op the backend cannot lower) raises at that first
+    call, not at torch.compile(): the call then runs eagerly, one warning says why, and every
+    later call stays eager. An error that the eager call raises too is the model's own and is
+    raised as such. (A failure in the backward graph alone would surface at the first backward,
+    in the method, outside this wrapper.)
+
+    Only training calls this wrapper. Evaluation and the probes run the bare module (the same
+    parameters) or the EMA's copy, in eval mode on val batches of other sizes, so they add no
+    graph and no recompile; training batches have one shape (the loaders drop the last partial
+    global batch), hence dynamic=False: one static graph per call signature.
+    """
+
+    def __init__(self, net: torch.nn.Module, backend: str | Callable = "inductor"):
+        super().__init__()
+        self.eager = net
+        # Not a submodule: its parameters are `eager`'s, and the state dict keeps one copy.
+        object.__setattr__(self, "compiled", torch.compile(net, backend=backend, dynamic=False))
+        self.stage = "first call"           # then "compiled" or "eager"
+        self.first_step_s: float | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.stage == "compiled":
+            return self.compiled(*args, **kwargs)
+        if self.stage == "eager":
+            return self.eager(*args, **kwargs)
+        return self.first_call(*args, **kwargs)
+
+    def first_call(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure; the model's own re-raise below
+            error = e
+        else:
+            self.stage = "compiled"
+            self.time_first_backward(start, time.perf_counter() - start)
+            return out
+        out = self.eager(*args, **kwargs)      # outside the except: its own error, unchained
+        self.stage = "eager"
+        log.warning("model.compile: torch.compile failed at the first step (%s); training "
+                    "continues eagerly", failure(error))
+        return out
+
+    def time_first_backward(self, start: float, forward_s: float) -> None:
+        params = [p for p in self.eager.parameters() if p.requires_grad]
+        handle = None
+
+        def done(grads):
+            if self.first_step_s is None:
+                self.first_step_s = time.perf_counter() - start
+                log.info("model.compile: the first forward and backward took %.1f s (forward "
+                         "%.1f s): torch.compile compiles at the first step, and later steps "
+                         "reuse its graphs", self.first_step_s, forward_s)
+            handle.remove()
+        if params:
+            handle = torch.autograd.graph.register_multi_grad_hook(params, done, mode="all")
+
+
+def failure(e: BaseException) -> str:
+    """The compiler error's root cause in one line: dynamo wraps it (BackendCompilerFailed), and
+    its own message starts with the wrapper's words, not the cause's."""
+    root = e
+    for _ in range(8):                  # a chain, not a cycle; a few links at most
+        cause = root.__cause__ or getattr(root, "inner_exception", None)
+        if cause is None or cause is root:
+            break
+        root = cause
+    lines = [line for line in str(root).splitlines() if line.strip()]
+    return f"{type(root).__name__}: {lines[0].strip()[:300] if lines else ''}"
+
+
+def wrap(cfg: Config, model: torch.nn.Module, d: DistInfo,
+         backend: str | Callable = "inductor") -> torch.nn.Module:
+    """Global-batch BatchNorm (model.sync_bn), DDP and torch.compile (model.compile, resolved by
+    compile_wanted) around the bare model, as configured. sync_bn converts the model's BatchNorms
+    in place (same parameters and buffers). backend: torch.compile's (tests use a cheap one)."""
     net = model
     if d.distributed:
         if cfg.model.sync_bn:
             net = sync_batchnorm.convert(net, d.device.type)
         # The perturbation is a leaf of the graph, not a parameter: DDP never all-reduces it.
         net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    return torch.compile(net) if cfg.model.compile else net
+    return CompiledModel(net, backend) if compile_wanted(cfg, d.device) else net
 
 
 def loss_fn(cfg: Config):
