@@ -74,7 +74,7 @@ def one_method(name: str, plan: dict, args, out: Path) -> dict:
     train_cmd = [sys.executable, "-m", "dist_free.train", "--config", str(args.config),
                  *args.overrides, *plan["overrides"], f"run.dir={out}", f"run.name={name}"]
     train_s = run(train_cmd, run_dir / "train.log")
-    best = run_dir / "checkpoints" / "best.pt"
+    best = run_dir / "checkpoints" / f"{args.checkpoint}.pt"
     eval_dir = run_dir / "eval"
     eval_cmd = [sys.executable, "-m", "dist_free.evaluate", "--checkpoint", str(best),
                 "--attack", args.attack, "--out", str(eval_dir)]
@@ -124,6 +124,8 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.add_argument("--attack", default="pgd,autoattack", help="as evaluate's --attack")
     p.add_argument("--subset", type=int, default=None, help="as evaluate's --subset")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="which checkpoint of each run is evaluated (default last)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides for every method's run")
     return p.parse_args(argv)

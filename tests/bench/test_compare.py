@@ -61,6 +61,9 @@ def test_two_methods_train_and_evaluate_on_the_same_images(tmp_path):
         ("natural", 16, 16), ("fast", 8, 16)]
     assert all(r["images"] == 32 and 0 <= r["robust"]["pgd50x10"] <= r["clean"] <= 1
                for r in rows)
+    reports = sorted(out.glob("*/eval/eval_*.json"))
+    assert [json.loads(r.read_text())["checkpoint"]["path"].rsplit("/", 1)[1] for r in reports] \
+        == ["last.pt", "last.pt"]
     table = (out / "compare.md").read_text()
     assert "| natural | 16 | 16 |" in table and "| fast | 8 | 16 |" in table
 
